@@ -1,0 +1,1 @@
+"""bloomrun: Kubernetes-native training of BLOOM-style language models."""

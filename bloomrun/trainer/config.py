@@ -1,0 +1,261 @@
+"""The trainer's configuration: one pydantic section per concern.
+
+This is the single source of truth for what a run is. The `BloomRun` manifest's `spec`
+embeds these sections (the operator adds its cluster fields beside them), `bloomctl run`
+reads the same manifest locally, and the trainer in a pod reads the resolved config the
+operator writes into a ConfigMap. Manifest keys are camelCase, as Kubernetes objects are;
+Python attributes are snake_case. Unknown keys and wrong types are rejected with the
+field's path (see `format_validation_error`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.alias_generators import to_camel
+
+VOCAB_PAD_MULTIPLE = 128  # BLOOM pads the vocabulary so the embedding GEMMs tile evenly
+
+
+class Section(BaseModel):
+    """Base for every config section: camelCase keys, no unknown keys, validated defaults."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        validate_default=True,
+        use_attribute_docstrings=True,
+    )
+
+
+# ---------------------------------------------------------------------------- model
+
+
+@dataclass(frozen=True)
+class Shape:
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    seq_length: int
+    vocab_size: int
+
+
+# The BLOOM family, plus `tiny` for the CPU demo and `1b3`, the shape of the paper's
+# ablation runs (tr3: 24 layers, hidden 2048, 16 heads, GPT-2's 50,257-token vocabulary).
+PRESETS: dict[str, Shape] = {
+    "tiny": Shape(num_layers=2, hidden_size=64, num_heads=4, seq_length=64, vocab_size=1024),
+    "560m": Shape(num_layers=24, hidden_size=1024, num_heads=16, seq_length=2048, vocab_size=250880),
+    "1b1": Shape(num_layers=24, hidden_size=1536, num_heads=16, seq_length=2048, vocab_size=250880),
+    "1b3": Shape(num_layers=24, hidden_size=2048, num_heads=16, seq_length=2048, vocab_size=50257),
+    "3b": Shape(num_layers=30, hidden_size=2560, num_heads=32, seq_length=2048, vocab_size=250880),
+    "7b1": Shape(num_layers=30, hidden_size=4096, num_heads=32, seq_length=2048, vocab_size=250880),
+    "176b": Shape(num_layers=70, hidden_size=14336, num_heads=112, seq_length=2048, vocab_size=250880),
+}
+
+PresetName = Literal["tiny", "560m", "1b1", "1b3", "3b", "7b1", "176b"]
+
+
+class ModelConfig(Section):
+    preset: PresetName | None = "tiny"
+    """A named BLOOM shape; the shape fields below override single values of it."""
+    num_layers: int | None = Field(default=None, ge=1, le=512)
+    """Transformer blocks (overrides the preset)."""
+    hidden_size: int | None = Field(default=None, ge=8, le=65536)
+    """Model width (overrides the preset); must be divisible by numHeads."""
+    num_heads: int | None = Field(default=None, ge=1, le=1024)
+    """Attention heads (overrides the preset)."""
+    seq_length: int | None = Field(default=None, ge=2, le=131072)
+    """Training sequence length in tokens (overrides the preset)."""
+    vocab_size: int | None = Field(default=None, ge=2, le=1_048_576)
+    """Tokenizer vocabulary (overrides the preset); padded up to a multiple of 128."""
+    position: Literal["alibi", "rotary", "learned", "none"] = "alibi"
+    """Position information: the paper found ALiBi best and 'none' not that bad."""
+    embedding_layernorm: bool = True
+    """LayerNorm after the word embedding: stabilises training at a small zero-shot cost."""
+    activation: Literal["gelu", "swiglu"] = "gelu"
+    """MLP activation: SwiGLU was slightly better, BLOOM kept GELU for throughput."""
+    layer_norm_epsilon: float = Field(default=1e-5, gt=0, lt=1)
+    """LayerNorm epsilon."""
+    init_std: float = Field(default=0.02, gt=0, lt=1)
+    """Standard deviation of the normal weight initialisation."""
+    kernels: Literal["auto", "triton", "torch"] = "auto"
+    """Fused Triton kernels or plain torch; auto means Triton on a CUDA device."""
+
+    @model_validator(mode="after")
+    def _check_shape(self) -> "ModelConfig":
+        shape = self.shape()  # raises ValueError naming the missing field
+        if shape.hidden_size % shape.num_heads:
+            raise ValueError(
+                f"hiddenSize ({shape.hidden_size}) must be divisible by numHeads ({shape.num_heads})"
+            )
+        if self.position == "rotary" and (shape.hidden_size // shape.num_heads) % 2:
+            raise ValueError("position 'rotary' needs an even head dimension (hiddenSize / numHeads)")
+        return self
+
+    def shape(self) -> Shape:
+        """The preset with this section's overrides applied."""
+        base = PRESETS[self.preset] if self.preset else None
+        values = {}
+        for name in Shape.__dataclass_fields__:
+            value = getattr(self, name)
+            if value is None and base is not None:
+                value = getattr(base, name)
+            if value is None:
+                raise ValueError(f"{to_camel(name)} is required when no preset is given")
+            values[name] = value
+        return Shape(**values)
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return math.ceil(self.shape().vocab_size / VOCAB_PAD_MULTIPLE) * VOCAB_PAD_MULTIPLE
+
+
+# ----------------------------------------------------------------------------- data
+
+
+class DataSource(Section):
+    path: str = Field(min_length=1)
+    """Path prefix of a Megatron-DeepSpeed MMapIndexedDataset (PREFIX.bin and PREFIX.idx)."""
+    weight: float = Field(default=1.0, gt=0)
+    """Relative share of training samples drawn from this corpus."""
+    name: str | None = None
+    """Label for logs and metrics (defaults to the file name)."""
+
+
+class DataConfig(Section):
+    sources: list[DataSource] = Field(min_length=1)
+    """The corpora to blend, by weight (the paper's corpus ablations)."""
+    tokenizer: str | None = None
+    """Hugging Face tokenizers JSON file the data was prepared with (checked against vocabSize)."""
+    seed: int = 1234
+    """Seed of the sample order; the same seed gives the same batches on any world size."""
+
+
+# ------------------------------------------------------------------------- optimiser
+
+
+class OptimConfig(Section):
+    lr: float = Field(default=2e-4, gt=0)
+    """Peak learning rate (the paper's ablations: 2e-4)."""
+    min_lr: float = Field(default=1e-5, ge=0)
+    """Learning rate at the end of the cosine decay."""
+    warmup_tokens: int = Field(default=375_000_000, ge=0)
+    """Linear warmup length in tokens (the paper: 375M)."""
+    decay_tokens: int | None = Field(default=None, ge=1)
+    """Cosine decay length in tokens; defaults to the whole run."""
+    beta1: float = Field(default=0.9, ge=0, lt=1)
+    beta2: float = Field(default=0.999, ge=0, lt=1)
+    eps: float = Field(default=1e-8, gt=0)
+    weight_decay: float = Field(default=0.1, ge=0)
+    grad_clip: float = Field(default=1.0, ge=0)
+    """Global gradient-norm clip; 0 disables it."""
+
+    @model_validator(mode="after")
+    def _check_lr(self) -> "OptimConfig":
+        if self.min_lr > self.lr:
+            raise ValueError(f"minLr ({self.min_lr}) must not exceed lr ({self.lr})")
+        return self
+
+
+# -------------------------------------------------------------------------- training
+
+
+class RampUp(Section):
+    start: int = Field(ge=1)
+    """Global batch size (sequences) at the start of training (the paper: 32)."""
+    increment: int = Field(ge=1)
+    """Sequences added at each ramp stage."""
+    samples: int = Field(ge=1)
+    """Samples over which the batch grows to globalBatchSize (the paper: 2M)."""
+
+
+class NanPolicy(Section):
+    max_consecutive_bad_steps: int = Field(default=3, ge=1)
+    """Non-finite steps in a row (each skipped) before rolling back to the last good checkpoint."""
+    skip_steps_after_rollback: int = Field(default=1, ge=0)
+    """Batches skipped past the offending range after a rollback (BLOOM's manual remedy)."""
+
+
+class TrainingConfig(Section):
+    global_batch_size: int = Field(default=512, ge=1)
+    """Sequences per optimiser step, across all data-parallel ranks."""
+    micro_batch_size: int = Field(default=4, ge=1)
+    """Sequences per rank per forward pass; the rest is gradient accumulation."""
+    rampup: RampUp | None = None
+    """Batch-size ramp-up (optional)."""
+    train_tokens: int | None = Field(default=None, ge=1)
+    """Tokens to train on (the paper: 112B per corpus ablation); or give trainSteps."""
+    train_steps: int | None = Field(default=None, ge=1)
+    """Optimiser steps to run; or give trainTokens."""
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """auto means bf16 on a GPU and fp32 on the CPU."""
+    zero_stage: int = Field(default=1, ge=0, le=3)
+    """DeepSpeed ZeRO stage 0-3."""
+    seed: int = 1234
+    """Seed of the weight initialisation."""
+    nan_policy: NanPolicy = NanPolicy()
+    """What to do about non-finite losses and gradients."""
+    compile: bool = False
+    """torch.compile the model (GPU runs)."""
+
+    @model_validator(mode="after")
+    def _check_length(self) -> "TrainingConfig":
+        if (self.train_tokens is None) == (self.train_steps is None):
+            raise ValueError("give exactly one of trainTokens and trainSteps")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"globalBatchSize ({self.global_batch_size}) must be a multiple of "
+                f"microBatchSize ({self.micro_batch_size})"
+            )
+        if self.rampup and self.rampup.start > self.global_batch_size:
+            raise ValueError("rampup.start must not exceed globalBatchSize")
+        return self
+
+
+class CheckpointConfig(Section):
+    dir: str | None = None
+    """Where checkpoints live; the operator points it at the run's volume, bloomctl at runs/NAME."""
+    every_steps: int | None = Field(default=1000, ge=1)
+    """Save every N optimiser steps (null: only by time)."""
+    every_minutes: float | None = Field(default=None, gt=0)
+    """Save every M minutes as well (BLOOM saved about every 3 hours)."""
+    keep_last: int = Field(default=3, ge=1)
+    """Complete checkpoints kept; older ones are deleted once a newer one is published."""
+
+
+class MetricsConfig(Section):
+    port: int = Field(default=9400, ge=0, le=65535)
+    """Prometheus port each node's rank-0-local process serves on (0 picks a free port)."""
+    log_every: int = Field(default=1, ge=1)
+    """Steps between log lines."""
+
+
+class TrainerConfig(Section):
+    """Everything the trainer needs; the `spec` of a BloomRun minus the cluster's fields."""
+
+    model: ModelConfig = ModelConfig()
+    data: DataConfig
+    optim: OptimConfig = OptimConfig()
+    training: TrainingConfig
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    metrics: MetricsConfig = MetricsConfig()
+
+
+TRAINER_SECTIONS = tuple(TrainerConfig.model_fields)
+
+
+def format_validation_error(err: ValidationError, prefix: str = "") -> str:
+    """One line per problem, naming the manifest field: `spec.model.hiddenSize: ...`."""
+    lines = []
+    for problem in err.errors():
+        path = ".".join(str(p) for p in problem["loc"])
+        where = ".".join(p for p in (prefix, path) if p) or "(top level)"
+        message = problem["msg"].removeprefix("Value error, ")
+        if problem["type"] == "extra_forbidden":
+            message = "unknown field"
+        lines.append(f"{where}: {message}")
+    return "; ".join(lines)
