@@ -1,0 +1,137 @@
+"""The only compute ops the model calls, each with a plain-torch path and a Triton path.
+
+`backend` is the manifest's `model.kernels`: "torch", "triton", or "auto" (Triton when the
+tensor lives on a CUDA device, torch otherwise). The Triton implementations live in
+`bloomrun.kernels` under the same names and signatures (minus `backend`); they are imported
+inside the Triton branch only, so CPU-only use never compiles or even imports a kernel.
+
+The torch paths are the numerical reference for parity with transformers' BloomForCausalLM
+(fp32 logits within 1e-4) and what runs on the CPU.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+
+import torch
+import torch.nn.functional as F
+
+Backend = str  # "auto" | "triton" | "torch"
+BACKENDS = ("auto", "triton", "torch")
+
+
+def use_triton(backend: Backend, tensor: torch.Tensor) -> bool:
+    if backend == "auto":
+        return tensor.is_cuda
+    if backend in ("triton", "torch"):
+        return backend == "triton"
+    raise ValueError(f"kernels must be one of {BACKENDS}, got {backend!r}")
+
+
+def triton_op(name: str):
+    """`bloomrun.kernels.<name>`, with an error that says how to run without it."""
+    kernels = importlib.import_module("bloomrun.kernels")
+    op = getattr(kernels, name, None)
+    if op is None:
+        raise NotImplementedError(
+            f"bloomrun.kernels has no Triton `{name}`; set model.kernels: torch to run without it"
+        )
+    return op
+
+
+def layer_norm(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, *, backend: Backend = "auto"
+) -> torch.Tensor:
+    """LayerNorm over the last dimension (also the embedding LayerNorm)."""
+    if use_triton(backend, x):
+        return triton_op("layer_norm")(x, weight, bias, eps)
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+def bias_gelu(x: torch.Tensor, bias: torch.Tensor, *, backend: Backend = "auto") -> torch.Tensor:
+    """GELU (tanh approximation, as BLOOM) of `x + bias`; x is a matmul output without its bias."""
+    if use_triton(backend, x):
+        return triton_op("bias_gelu")(x, bias)
+    return F.gelu(x + bias, approximate="tanh")
+
+
+def bias_swiglu(x: torch.Tensor, bias: torch.Tensor, *, backend: Backend = "auto") -> torch.Tensor:
+    """SwiGLU of `x + bias`: (..., 2F) -> (..., F) = silu(first half) * second half."""
+    if use_triton(backend, x):
+        return triton_op("bias_swiglu")(x, bias)
+    gate, up = (x + bias).chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def apply_rotary(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, backend: Backend = "auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q and k, each (B, T, H, D), by the angles whose cos/sin are (T, D/2) fp32.
+
+    GPT-NeoX's "rotate half" pairing: element i is paired with element i + D/2, so
+    out[:D/2] = x1 cos - x2 sin and out[D/2:] = x2 cos + x1 sin. Returns new tensors.
+    """
+    if use_triton(backend, q):
+        return triton_op("apply_rotary")(q, k, cos, sin)
+    cos = cos[None, :, None, :]  # (1, T, 1, D/2)
+    sin = sin[None, :, None, :]
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = x.float().chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+    return rotate(q), rotate(k)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    alibi_slopes: torch.Tensor | None = None,
+    *,
+    backend: Backend = "auto",
+) -> torch.Tensor:
+    """Causal attention, softmax scale 1/sqrt(D); q, k, v (B, T, H, D), maybe strided views.
+
+    With `alibi_slopes` (H,), head h adds -slope[h] * (i - j) to the score of query i and key
+    j. transformers adds +slope[h] * j instead, which differs by a per-row constant that the
+    softmax cancels; the relative form keeps the bias small and needs no per-row offset.
+    Returns (B, T, H, D).
+    """
+    if use_triton(backend, q):
+        return triton_op("attention")(q, k, v, alibi_slopes)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+    if alibi_slopes is None:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=alibi_causal_bias(alibi_slopes, q.shape[2], q.dtype))
+    return out.transpose(1, 2)
+
+
+def alibi_causal_bias(slopes: torch.Tensor, seq_length: int, dtype: torch.dtype) -> torch.Tensor:
+    """(H, T, T) additive bias: -slope * (i - j) on and below the diagonal, -inf above it."""
+    positions = torch.arange(seq_length, device=slopes.device)
+    distance = positions[:, None] - positions[None, :]  # (T, T): i - j
+    bias = -slopes.float()[:, None, None] * distance  # (H, T, T)
+    bias = bias.masked_fill(distance < 0, -math.inf)
+    return bias.to(dtype)
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    ignore_index: int = -100,
+    *,
+    backend: Backend = "auto",
+) -> torch.Tensor:
+    """Mean cross-entropy of `hidden @ weight.T` against `targets` over non-ignored rows.
+
+    hidden (N, C), weight (V, C) (the tied embedding), targets (N,). The Triton path never
+    materialises the (N, V) logits; the torch path does, in fp32 for the softmax.
+    """
+    if use_triton(backend, hidden):
+        return triton_op("linear_cross_entropy")(hidden, weight, targets, ignore_index)
+    logits = F.linear(hidden, weight)
+    return F.cross_entropy(logits.float(), targets, ignore_index=ignore_index)
