@@ -1,0 +1,251 @@
+"""`bloomctl run MANIFEST`: train a BloomRun manifest on this machine with torchrun.
+
+Everything about the manifest and the data is checked before a worker starts; then torchrun
+runs the trainer with the resolved config, and this process shows progress and forwards
+Ctrl-C/SIGTERM as SIGTERM, on which the trainer saves a checkpoint and exits. Running the
+same command again resumes from the newest complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import queue
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import uuid
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from bloomrun.cli import launch
+from bloomrun.cli.main import UserError
+from bloomrun.cli.progress import ProgressDisplay, parse_metrics
+
+SCRAPE_EVERY_S = 1.0
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "run",
+        help="train a BloomRun manifest locally with torchrun (the embedded default)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("manifest", help="BloomRun manifest (YAML), e.g. examples/tiny.yaml")
+    parser.add_argument("--nproc", type=positive_int, default=2, help="worker processes (default 2)")
+    parser.add_argument("--output", help="run folder (default runs/<metadata.name>)")
+    parser.add_argument("--steps", type=positive_int, help="train this many steps in all instead")
+    parser.add_argument("--fresh", action="store_true", help="delete the run's checkpoints first")
+    parser.add_argument(
+        "--max-restarts", type=int, default=3, help="worker-group restarts torchrun may do (default 3)"
+    )
+    parser.set_defaults(func=run)
+
+
+@dataclass(frozen=True)
+class Launch:
+    name: str
+    command: list[str]
+    env: dict[str, str]
+    run_dir: Path
+    config_path: Path
+    metrics_url: str
+
+
+def run(args: argparse.Namespace) -> int:
+    plan = prepare(args, env=os.environ, cwd=Path.cwd())
+    return supervise(plan)
+
+
+def prepare(args: argparse.Namespace, env, cwd: Path) -> Launch:
+    """Load and check the manifest and its data, write the resolved config: every user
+    error surfaces here as a UserError, before any worker starts."""
+    from bloomrun.operator.spec import ManifestError, load_manifest
+    from bloomrun.trainer.data import validate_data
+
+    manifest = Path(args.manifest)
+    if not manifest.is_file():
+        raise UserError(f"{manifest}: no such manifest file")
+    try:
+        bloomrun = load_manifest(manifest)
+        config = bloomrun.spec.trainer_config()
+    except ManifestError as err:
+        raise UserError(str(err)) from None
+    name = bloomrun.metadata.name
+    out = launch.run_dir(name, args.output, cwd).absolute()
+    checkpoints = out / "checkpoints"
+    if args.fresh and checkpoints.exists():
+        shutil.rmtree(checkpoints)
+    rdzv_port, metrics_port = free_ports(2)
+    config = resolve(config, manifest, checkpoints, metrics_port, args.steps)
+    try:
+        validate_data(config.data, config.model.shape().vocab_size, manifest.parent.absolute())
+    except (ValueError, OSError) as err:
+        raise UserError(str(err)) from None
+
+    out.mkdir(parents=True, exist_ok=True)
+    config_path = out / "config.yaml"
+    config_path.write_text(yaml.safe_dump(config.model_dump(mode="json", by_alias=True), sort_keys=False))
+    cache = launch.cache_dir(env)
+    rendezvous = launch.Rendezvous(
+        endpoint=f"127.0.0.1:{rdzv_port}", run_id=f"{name}-{uuid.uuid4().hex[:8]}"
+    )
+    command = launch.build_torchrun_command(
+        config_path,
+        nproc=args.nproc,
+        rendezvous=rendezvous,
+        max_restarts=args.max_restarts,
+        log_dir=cache / "torchrun",
+        python=sys.executable,
+    )
+    worker_env = launch.build_worker_env(
+        env, cache=cache, nproc=args.nproc, num_cpus=os.cpu_count() or 1, run_name=name
+    )
+    return Launch(name, command, worker_env, out, config_path, f"http://127.0.0.1:{metrics_port}/metrics")
+
+
+def resolve(config, manifest: Path, checkpoints: Path, metrics_port: int, steps: int | None):
+    from pydantic import ValidationError
+
+    from bloomrun.trainer.config import format_validation_error
+
+    try:
+        return launch.resolve_trainer_config(
+            config,
+            manifest_dir=manifest.parent.absolute(),
+            checkpoint_dir=checkpoints,
+            metrics_port=metrics_port,
+            train_steps=steps,
+        )
+    except ValidationError as err:  # e.g. --steps against a manifest's other settings
+        raise UserError(format_validation_error(err, "spec")) from None
+
+
+def free_ports(count: int) -> list[int]:
+    """Distinct free TCP ports on localhost (held open together so they differ)."""
+    with ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+
+
+# ------------------------------------------------------------------------ supervising
+
+
+def supervise(plan: Launch) -> int:
+    """Run torchrun, stream its output, show progress; return the training's exit code."""
+    print(
+        f"bloomctl run {plan.name}: {plan.run_dir}/ (config.yaml, checkpoints/), "
+        f"metrics {plan.metrics_url}",
+        flush=True,
+    )
+    # Its own session: a terminal's Ctrl-C reaches only us, and we forward one SIGTERM, on
+    # which torchrun stops its workers the way the trainer expects (checkpoint, exit 0).
+    proc = subprocess.Popen(
+        plan.command,
+        env=plan.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+        bufsize=1,
+        start_new_session=True,
+    )
+    lines: queue.Queue[str | None] = queue.Queue()
+    threading.Thread(target=pump, args=(proc.stdout, lines), daemon=True).start()
+    stopper = Stopper(proc)
+    with stopper.installed(), ProgressDisplay(f"{plan.name}") as display:
+        stream(lines, display, plan.metrics_url)
+        code = proc.wait()
+        final = scrape(plan.metrics_url)
+        if final:
+            display.update(final)
+    if stopper.signal:
+        print(f"stopped by {stopper.signal.name}; run the same command again to resume", flush=True)
+        return 128 + stopper.signal.value
+    return code
+
+
+def pump(pipe, lines: queue.Queue) -> None:
+    for line in pipe:
+        lines.put(line.rstrip("\n"))
+    lines.put(None)
+
+
+def stream(lines: queue.Queue, display: ProgressDisplay, metrics_url: str) -> None:
+    """Print worker lines as they come and refresh the bar every SCRAPE_EVERY_S, until EOF."""
+    next_scrape = 0.0
+    while True:
+        try:
+            line = lines.get(timeout=SCRAPE_EVERY_S / 2)
+        except queue.Empty:
+            line = ""
+        if line is None:
+            return
+        if line:
+            display.log(line)
+        if time.monotonic() >= next_scrape:
+            next_scrape = time.monotonic() + SCRAPE_EVERY_S
+            snapshot = scrape(metrics_url)
+            if snapshot:
+                display.update(snapshot)
+
+
+def scrape(url: str):
+    try:
+        with urllib.request.urlopen(url, timeout=0.5) as response:
+            return parse_metrics(response.read().decode())
+    except (OSError, ValueError):  # not up yet, restarting, or gone
+        return None
+
+
+class Stopper:
+    """First Ctrl-C/SIGTERM: forward SIGTERM to torchrun (the trainer checkpoints and
+    exits). A second one: SIGKILL torchrun and every worker."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.proc = proc
+        self.signal: signal.Signals | None = None
+
+    def handle(self, signum, _frame) -> None:
+        if self.signal is None:
+            self.signal = signal.Signals(signum)
+            print("stopping: the trainer saves a checkpoint (Ctrl-C again to kill)", file=sys.stderr, flush=True)
+            self.proc.send_signal(signal.SIGTERM)
+        else:
+            kill_tree(self.proc.pid)
+
+    def installed(self):
+        stack = ExitStack()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous = signal.signal(signum, self.handle)
+            stack.callback(signal.signal, signum, previous)
+        return stack
+
+
+def kill_tree(pid: int) -> None:
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        for process in [*root.children(recursive=True), root]:
+            process.kill()
+    except psutil.NoSuchProcess:
+        pass

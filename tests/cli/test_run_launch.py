@@ -1,0 +1,197 @@
+"""The pure parts of `bloomctl run`: torchrun's command line, the workers' environment,
+the resolved config, and the progress parsing. No process is started here."""
+
+import io
+import math
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry, Gauge, generate_latest
+
+from bloomrun.cli import launch
+from bloomrun.cli.progress import ProgressDisplay, Snapshot, StepRate, describe, parse_metrics
+from bloomrun.trainer.config import TrainerConfig
+
+
+def tiny_config(**training) -> TrainerConfig:
+    return TrainerConfig.model_validate(
+        {
+            "model": {"preset": "tiny"},
+            "data": {
+                "sources": [
+                    {"path": "data/stories_text_document", "weight": 2},
+                    {"path": "/abs/arithmetic_text_document", "weight": 1},
+                ],
+                "tokenizer": "data/tokenizer.json",
+            },
+            "training": {"globalBatchSize": 8, "microBatchSize": 4, **(training or {"trainSteps": 10})},
+        }
+    )
+
+
+def option(command: list[str], name: str) -> str:
+    """The value of --name=value or --name value in a command line."""
+    for i, arg in enumerate(command):
+        if arg.startswith(f"{name}="):
+            return arg.split("=", 1)[1]
+        if arg == name:
+            return command[i + 1]
+    raise AssertionError(f"{name} not in {command}")
+
+
+def test_torchrun_command_sets_the_elastic_settings_and_the_trainer_module(tmp_path):
+    command = launch.build_torchrun_command(
+        tmp_path / "config.yaml",
+        nproc=2,
+        rendezvous=launch.Rendezvous("127.0.0.1:29411", "tiny-abc", nnodes="1:2"),
+        max_restarts=5,
+        log_dir=tmp_path / "logs",
+        python="/venv/bin/python",
+    )
+    assert command[:3] == ["/venv/bin/python", "-m", "torch.distributed.run"]
+    assert option(command, "--nnodes") == "1:2"
+    assert option(command, "--nproc-per-node") == "2"
+    assert option(command, "--rdzv-backend") == "c10d"
+    assert option(command, "--rdzv-endpoint") == "127.0.0.1:29411"
+    assert option(command, "--rdzv-id") == "tiny-abc"
+    assert option(command, "--max-restarts") == "5"
+    assert option(command, "--log-dir") == str(tmp_path / "logs")
+    conf = dict(item.split("=") for item in option(command, "--rdzv-conf").split(","))
+    assert conf == {"last_call_timeout": "2", "keep_alive_interval": "1", "keep_alive_max_attempt": "3"}
+    # The script's own arguments come after the module, where torchrun passes them on.
+    assert command[-4:] == ["-m", "bloomrun.trainer.train", "--config", str(tmp_path / "config.yaml")]
+
+
+def test_torchrun_command_can_pin_which_agent_hosts_the_store(tmp_path):
+    for is_host, expected in ((True, "true"), (False, "false")):
+        command = launch.build_torchrun_command(
+            tmp_path / "c.yaml",
+            nproc=1,
+            rendezvous=launch.Rendezvous("127.0.0.1:1", "r", is_host=is_host),
+            max_restarts=0,
+            log_dir=tmp_path,
+            python="python",
+        )
+        assert f"is_host={expected}" in option(command, "--rdzv-conf")
+
+
+def test_worker_env_disables_the_shared_store_and_keeps_caches_in_the_repo(tmp_path):
+    env = launch.build_worker_env({"PATH": "/bin"}, cache=tmp_path, nproc=2, num_cpus=2, run_name="tiny")
+    assert env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
+    assert env["TORCH_EXTENSIONS_DIR"] == str(tmp_path / "torch_extensions")
+    assert env["OMP_NUM_THREADS"] == "1"
+    assert env["PATH"] == "/bin"
+    assert env["BLOOMRUN_RUN"] == "tiny"
+
+
+def test_worker_env_respects_an_explicit_thread_count_and_never_goes_below_one(tmp_path):
+    assert launch.build_worker_env({"OMP_NUM_THREADS": "3"}, cache=tmp_path, nproc=2, num_cpus=2, run_name="r")[
+        "OMP_NUM_THREADS"
+    ] == "3"
+    assert launch.build_worker_env({}, cache=tmp_path, nproc=4, num_cpus=2, run_name="r")["OMP_NUM_THREADS"] == "1"
+    assert launch.build_worker_env({}, cache=tmp_path, nproc=2, num_cpus=8, run_name="r")["OMP_NUM_THREADS"] == "4"
+
+
+def test_cache_dir_defaults_to_the_repo_and_follows_bloomrun_cache(tmp_path):
+    assert launch.cache_dir({}) == launch.REPO_ROOT / ".cache"
+    assert (launch.REPO_ROOT / "bloomrun" / "cli" / "launch.py").is_file()
+    assert launch.cache_dir({"BLOOMRUN_CACHE": str(tmp_path)}) == tmp_path
+
+
+def test_resolved_config_has_manifest_relative_paths_and_local_run_settings(tmp_path):
+    resolved = launch.resolve_trainer_config(
+        tiny_config(),
+        manifest_dir=tmp_path / "examples",
+        checkpoint_dir=tmp_path / "runs" / "tiny" / "checkpoints",
+        metrics_port=40123,
+    )
+    paths = [source.path for source in resolved.data.sources]
+    assert paths == [str(tmp_path / "examples" / "data" / "stories_text_document"), "/abs/arithmetic_text_document"]
+    assert resolved.data.tokenizer == str(tmp_path / "examples" / "data" / "tokenizer.json")
+    assert resolved.checkpoint.dir == str(tmp_path / "runs" / "tiny" / "checkpoints")
+    assert resolved.metrics.port == 40123
+    assert [s.weight for s in resolved.data.sources] == [2, 1]
+    assert resolved.training.train_steps == 10
+
+
+def test_steps_override_replaces_a_token_budget(tmp_path):
+    resolved = launch.resolve_trainer_config(
+        tiny_config(trainTokens=10_000),
+        manifest_dir=tmp_path,
+        checkpoint_dir=tmp_path,
+        metrics_port=0,
+        train_steps=7,
+    )
+    assert (resolved.training.train_steps, resolved.training.train_tokens) == (7, None)
+
+
+def test_run_dir_defaults_to_runs_name_under_the_current_directory(tmp_path):
+    assert launch.run_dir("tiny", None, tmp_path) == tmp_path / "runs" / "tiny"
+    assert launch.run_dir("tiny", "out/x", tmp_path) == tmp_path / "out" / "x"
+    assert launch.run_dir("tiny", "/abs/x", tmp_path) == Path("/abs/x")
+
+
+# ------------------------------------------------------------------------- progress
+
+
+def exposition(**values) -> str:
+    """A real Prometheus exposition, labelled like the trainer's."""
+    registry = CollectorRegistry()
+    for name, value in values.items():
+        gauge = Gauge(name, "doc", ["namespace", "run", "node_rank"], registry=registry)
+        gauge.labels("local", "tiny", "0").set(value)
+    return generate_latest(registry).decode()
+
+
+def test_parse_metrics_reads_step_target_loss_and_throughput():
+    text = exposition(
+        bloomrun_train_step=42,
+        bloomrun_train_target_steps=300,
+        bloomrun_train_loss=3.25,
+        bloomrun_train_tokens_per_second=12345.6,
+        bloomrun_train_learning_rate=1e-3,
+    )
+    assert parse_metrics(text) == Snapshot(step=42, target_steps=300, loss=3.25, tokens_per_second=12345.6)
+
+
+def test_parse_metrics_is_none_before_the_first_step_and_hides_a_nan_loss():
+    assert parse_metrics(exposition(bloomrun_train_learning_rate=0.1)) is None
+    snapshot = parse_metrics(exposition(bloomrun_train_step=3, bloomrun_train_loss=math.nan))
+    assert snapshot.loss is None and snapshot.target_steps is None
+    assert "loss -" in describe(snapshot, None)
+
+
+def test_eta_comes_from_the_observed_pace_not_from_the_jump_to_a_resumed_step():
+    rate = StepRate()
+    rate.observe(0.0, 100)  # resumed at step 100: no pace known yet
+    assert rate.eta_seconds(100, 300) is None
+    rate.observe(10.0, 120)  # 2 steps/s
+    assert rate.eta_seconds(120, 300) == pytest.approx(90.0)
+    rate.observe(11.0, 50)  # rolled back: the old pace no longer applies
+    assert rate.steps_per_second() is None
+
+
+def test_progress_display_prints_plain_lines_when_not_on_a_terminal():
+    out = io.StringIO()
+    with ProgressDisplay("tiny", stream=out) as display:
+        display.log("step 1 loss 6.9")
+        display.update(Snapshot(step=1, target_steps=10, loss=6.9, tokens_per_second=100.0))
+        display.log("step 2 loss 6.5")
+    assert out.getvalue() == "step 1 loss 6.9\nstep 2 loss 6.5\n"
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_display_draws_step_loss_throughput_and_eta_on_a_terminal():
+    out = Terminal()
+    with ProgressDisplay("tiny", stream=out) as display:
+        display.update(Snapshot(step=10, target_steps=300, loss=4.0, tokens_per_second=900.0), now=0.0)
+        display.log("a worker line")
+        display.update(Snapshot(step=20, target_steps=300, loss=3.25, tokens_per_second=1234.0), now=5.0)
+    text = out.getvalue()
+    assert "a worker line" in text
+    assert "20/300" in text and "loss 3.2500" in text and "tokens/s 1,234" in text
+    assert "ETA 2:20" in text  # 280 steps at 2 steps/s
