@@ -1,0 +1,195 @@
+"""Checkpoints: consolidated, world-size independent, published atomically, loaded without
+unpickling.
+
+Format (one directory per step, `step-00001200/`):
+    model.safetensors      full fp32 weights, by parameter name
+    optimizer.safetensors  full AdamW moments, `<name>.exp_avg` / `<name>.exp_avg_sq`
+    rng.safetensors        rank 0's torch RNG states (uint8 tensors)
+    metadata.json          step, consumed_samples, tokens, restarts, counters, and the
+                           sha256 of every file above; written last: its presence is what
+                           makes a checkpoint complete (torchtitan's rule)
+
+Why consolidated rather than DeepSpeed's own or universal checkpoints: DeepSpeed's files are
+per-rank pickles (its loader calls torch.load(weights_only=False)), and changing the world
+size needs an offline ds_to_universal conversion. Gathering every parameter's full fp32 value
+and moments (DeepSpeed's safe_get_full_* API, the same for ZeRO 1, 2 and 3) gives files that
+any world size loads directly, with safetensors, which cannot execute code. The cost is that
+rank 0 holds one full tensor at a time and writes 12 bytes per parameter alone; measured
+figures are in docs/trainer.md.
+
+Publishing: rank 0 writes into `.tmp-step-N-<pid>/`, fsyncs every file and the folder,
+renames it to `step-N` (atomic on POSIX) and fsyncs the parent. A crash leaves a `.tmp-*`
+folder, which is never read and is removed by the next save.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+log = logging.getLogger("bloomrun.checkpoint")
+
+FORMAT_VERSION = 1
+METADATA = "metadata.json"
+STEP_DIR = re.compile(r"^step-(\d{8,})$")
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used; the message says which and why."""
+
+
+@dataclass
+class TrainState:
+    """What a resumed run needs besides tensors. Data order derives from consumed_samples."""
+
+    step: int = 0
+    consumed_samples: int = 0
+    tokens: int = 0
+    restarts: int = 0
+    optimizer_steps: int = 0  # AdamW's own step count (bias correction); skipped steps excluded
+    skipped_steps: int = 0
+    rollbacks: int = 0
+    skipped_ranges: list[list[int]] = field(default_factory=list)  # [start, end) sample ranges
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "TrainState":
+        known = {k: raw[k] for k in cls.__dataclass_fields__ if k in raw}
+        return cls(**known)
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+# ------------------------------------------------------------------------ pure parts
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """Published step folders, newest first (complete or not: see `verify`)."""
+    if not root.is_dir():
+        return []
+    found = []
+    for entry in root.iterdir():
+        match = STEP_DIR.match(entry.name)
+        if match and entry.is_dir():
+            found.append((int(match.group(1)), entry))
+    return sorted(found, reverse=True)
+
+
+def verify(path: Path) -> dict:
+    """The metadata of a complete, intact checkpoint, or CheckpointError saying what is wrong."""
+    meta_path = path / METADATA
+    if not meta_path.is_file():
+        raise CheckpointError(f"{path}: no {METADATA} (incomplete checkpoint)")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path}/{METADATA}: unreadable ({err})") from None
+    if meta.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format {meta.get('format')!r}, expected {FORMAT_VERSION}")
+    for name, expected in meta.get("files", {}).items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"{file}: missing")
+        if file.stat().st_size != expected["bytes"]:
+            raise CheckpointError(f"{file}: {file.stat().st_size} bytes, metadata says {expected['bytes']}")
+        if sha256_file(file) != expected["sha256"]:
+            raise CheckpointError(f"{file}: checksum mismatch")
+    return meta
+
+
+def newest_complete(root: Path) -> tuple[Path, dict] | None:
+    """The newest checkpoint that verifies; each one skipped is logged with its reason."""
+    for _step, path in list_checkpoints(root):
+        try:
+            return path, verify(path)
+        except CheckpointError as err:
+            log.warning("skipping checkpoint: %s", err)
+    return None
+
+
+def prune(root: Path, keep_last: int) -> list[Path]:
+    """Delete all but the newest `keep_last` complete checkpoints, stale temp folders, and
+    incomplete folders older than the newest complete one. Returns what it removed."""
+    removed = []
+    complete_seen = 0
+    for _step, path in list_checkpoints(root):
+        is_complete = (path / METADATA).is_file()
+        if is_complete:
+            complete_seen += 1
+        if (is_complete and complete_seen > keep_last) or (not is_complete and complete_seen > 0):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    for entry in root.glob(".tmp-step-*"):
+        shutil.rmtree(entry, ignore_errors=True)
+        removed.append(entry)
+    return removed
+
+
+# ----------------------------------------------------------------------------- I/O
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def publish(
+    root: Path,
+    state: TrainState,
+    model: dict[str, torch.Tensor],
+    optimizer: dict[str, torch.Tensor],
+    rng: dict[str, torch.Tensor],
+    extra: dict | None = None,
+) -> Path:
+    """Write a checkpoint from full tensors (rank 0 only) and publish it atomically."""
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / step_dir_name(state.step)
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    files = {}
+    for name, tensors in (("model.safetensors", model), ("optimizer.safetensors", optimizer), ("rng.safetensors", rng)):
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / name))
+        _fsync_path(tmp / name)
+        files[name] = {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size}
+    meta = {"format": FORMAT_VERSION, **asdict(state), "published_at": time.time(), "files": files, **(extra or {})}
+    with open(tmp / METADATA, "w") as f:
+        json.dump(meta, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_path(tmp)
+    if final.exists():  # a re-save of the same step (rollback, then SIGTERM at that step)
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync_path(root)
+    return final
+
+
+def read_tensors(path: Path, name: str) -> dict[str, torch.Tensor]:
+    """safetensors only: loading a checkpoint never unpickles anything."""
+    try:
+        return load_file(str(path / name))
+    except Exception as err:  # safetensors raises its own error types
+        raise CheckpointError(f"{path / name}: unreadable ({err})") from None

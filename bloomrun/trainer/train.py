@@ -1,0 +1,57 @@
+"""Entry point inside each worker: `python -m bloomrun.trainer.train --config CONFIG.yaml`.
+
+Run under torchrun (the operator's pods, `bloomctl run`) or alone (a world of one). The
+config is a TrainerConfig in the manifest's camelCase keys. Exit status: 0 when training
+completed or stopped cleanly on SIGTERM after a checkpoint; 2 for a bad config or data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+import yaml
+from pydantic import ValidationError
+
+from bloomrun.trainer.config import TrainerConfig, format_validation_error
+
+
+def load_config(path: str) -> TrainerConfig:
+    with open(path) as f:
+        raw = yaml.safe_load(f)
+    return TrainerConfig.model_validate(raw)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bloomrun.trainer.train", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="TrainerConfig YAML (camelCase keys)")
+    args = parser.parse_args(argv)
+    rank = os.environ.get("RANK", "0")
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(args.config)
+    except (OSError, yaml.YAMLError) as err:
+        print(f"error: {args.config}: {err}", file=sys.stderr)
+        return 2
+    except ValidationError as err:
+        print(f"error: {args.config}: {format_validation_error(err)}", file=sys.stderr)
+        return 2
+
+    from bloomrun.trainer.data import DataError
+    from bloomrun.trainer.trainer import Trainer
+
+    try:
+        trainer = Trainer.from_config(cfg)
+    except (DataError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
+        return trainer.fit()
+    finally:
+        trainer.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
