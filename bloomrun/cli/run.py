@@ -77,7 +77,7 @@ def prepare(args: argparse.Namespace, env, cwd: Path) -> Launch:
     """Load and check the manifest and its data, write the resolved config: every user
     error surfaces here as a UserError, before any worker starts."""
     from bloomrun.operator.spec import ManifestError, load_manifest
-    from bloomrun.trainer.data import validate_data
+    from bloomrun.trainer.data import DataError, validate_data
 
     manifest = Path(args.manifest)
     if not manifest.is_file():
@@ -94,10 +94,13 @@ def prepare(args: argparse.Namespace, env, cwd: Path) -> Launch:
         shutil.rmtree(checkpoints)
     rdzv_port, metrics_port = free_ports(2)
     config = resolve(config, manifest, checkpoints, metrics_port, args.steps)
+    shape = config.model.shape()
     try:
-        validate_data(config.data, config.model.shape().vocab_size, manifest.parent.absolute())
-    except (ValueError, OSError) as err:
-        raise UserError(str(err)) from None
+        validate_data(config.data, shape.vocab_size, manifest.parent.absolute(), seq_length=shape.seq_length)
+    except (DataError, OSError) as err:
+        # DataError names the field from the spec down (data.sources[1] ...).
+        where = "spec." if str(err).startswith("data.") else ""
+        raise UserError(f"{manifest}: {where}{err}") from None
 
     out.mkdir(parents=True, exist_ok=True)
     config_path = out / "config.yaml"
