@@ -1,0 +1,11 @@
+# The chart's copy of the generated CRDs (helm reads nothing outside the chart folder).
+# tests/chart/test_render.py fails when the copy drifts from crds/.
+CHART_DIR := charts/bloomrun-operator
+
+.PHONY: chart-crds chart-docs
+chart-crds:
+	cp crds/*.yaml $(CHART_DIR)/crds/
+
+# The values table of docs/chart.md, from the `# --` comments of values.yaml.
+chart-docs:
+	$(PY) scripts/values_doc.py

