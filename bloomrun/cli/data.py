@@ -40,7 +40,7 @@ def run_prepare(args: argparse.Namespace) -> int:
     except DataError as err:
         raise UserError(str(err)) from None
     except UnicodeDecodeError as err:
-        raise UserError(f"{args.input}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+        raise UserError(f"{args.input}: not UTF-8 text ({err.reason})") from None
     skipped = f", skipped {summary.num_skipped_empty} empty" if summary.num_skipped_empty else ""
     eod = f", EOD id {summary.eod_id} appended" if summary.eod_id is not None else ", no EOD"
     print(f"wrote {summary.num_documents} documents, {summary.num_tokens} tokens ({summary.dtype}{eod}"

@@ -1,5 +1,6 @@
 """The .bin/.idx format: byte compatibility with Megatron-DeepSpeed and every corruption error."""
 
+import os
 import pickle
 import struct
 
@@ -103,9 +104,30 @@ def test_crash_while_rewriting_keeps_the_previous_dataset(tmp_path):
 def test_unfinalized_writer_never_publishes(tmp_path):
     writer = IndexedDatasetWriter(tmp_path / "u", np.uint16)
     writer.add_document([1, 2, 3])  # the process dies here: only the .tmp exists
-    with pytest.raises(DataError, match=r"u\.idx: no such file"):
+    with pytest.raises(DataError, match=r"u: no dataset here"):
         MMapIndexedDataset(tmp_path / "u")
     writer.abort()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_crash_between_the_renames_is_an_error_not_old_data(tmp_path, monkeypatch):
+    write_dataset(tmp_path / "r", [[1, 2], [3]])
+    real_replace, calls = os.replace, []
+
+    def replace_then_die(src, dst):
+        calls.append(dst)
+        if str(dst).endswith(".idx"):
+            raise KeyboardInterrupt  # the process dies after the .bin was published
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace_then_die)
+    writer = IndexedDatasetWriter(tmp_path / "r", np.uint16)
+    writer.add_document([7, 8, 9])  # same byte length as the old .bin
+    with pytest.raises(KeyboardInterrupt):
+        writer.finalize()
+    monkeypatch.undo()
+    with pytest.raises(DataError, match=r"r\.idx: no such file"):
+        MMapIndexedDataset(tmp_path / "r")
 
 
 # ------------------------------------------------------------------- corruption

@@ -1,6 +1,7 @@
 """Samples over one dataset and the weighted blend: contents, epochs, proportions, determinism."""
 
 import hashlib
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -138,6 +139,13 @@ def test_blend_lookup_order_does_not_matter(tmp_path):
     forward, backward = make_blend(tmp_path, [1, 3]), make_blend(tmp_path, [1, 3])
     late = [backward[i] for i in (30000, 5, 12000)]
     assert all(np.array_equal(a, forward[i]) for a, i in zip(late, (30000, 5, 12000)))
+
+
+def test_blend_pickles_for_data_loader_workers(tmp_path):
+    blend = make_blend(tmp_path, [0.5, 0.5])
+    expected = blend.batch(list(range(40)))
+    clone = pickle.loads(pickle.dumps(blend))
+    assert np.array_equal(clone.batch(list(range(40))), expected)
 
 
 def test_blend_rejects_bad_weights(tmp_path):

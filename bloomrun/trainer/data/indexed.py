@@ -87,9 +87,11 @@ class MMapIndexedDataset:
 
     def _open(self) -> None:
         idx_file, bin_file = index_path(self.prefix), data_path(self.prefix)
-        for path in (idx_file, bin_file):
-            if not path.is_file():
-                raise DataError(f"{path}: no such file (a dataset is PREFIX.bin plus PREFIX.idx)")
+        missing = [path for path in (bin_file, idx_file) if not path.is_file()]
+        if len(missing) == 2:
+            raise DataError(f"{self.prefix}: no dataset here (neither {bin_file.name} nor {idx_file.name} exists)")
+        if missing:
+            raise DataError(f"{missing[0]}: no such file (a dataset is PREFIX.bin plus PREFIX.idx)")
         header = read_index_header(idx_file)
         self.dtype: np.dtype = header["dtype"]
         num_sequences, num_doc_idx = header["num_sequences"], header["num_doc_idx"]
@@ -193,8 +195,9 @@ class IndexedDatasetWriter:
     """Writes a dataset one document (one sequence) at a time.
 
     Tokens go to `PREFIX.bin.tmp` and the index to `PREFIX.idx.tmp`; `finalize()` fsyncs
-    both and renames .bin before .idx, so a crash at any point leaves either no .idx or the
-    previous complete pair, never an index describing a half-written .bin.
+    both, deletes any old .idx, then renames .bin and finally .idx into place. A crash at
+    any point leaves the previous complete pair or no .idx at all (a clear error on open),
+    never an index describing other tokens.
     """
 
     def __init__(self, prefix: str | os.PathLike, dtype: np.dtype | type):
@@ -231,6 +234,9 @@ class IndexedDatasetWriter:
             stream.write(encode_index(self._sizes, self.dtype))
             stream.flush()
             os.fsync(stream.fileno())
+        # Remove the old index first: between the two renames the prefix then has no .idx
+        # (an error on open) rather than an old index over a new .bin of the same length.
+        index_path(self.prefix).unlink(missing_ok=True)
         os.replace(self._bin_tmp, data_path(self.prefix))
         os.replace(idx_tmp, index_path(self.prefix))
         _fsync_dir(Path(self.prefix).parent)

@@ -41,6 +41,14 @@ class GPTSamples:
     def __len__(self) -> int:
         return self.samples_per_epoch
 
+    def __getstate__(self) -> dict:
+        # The epoch cache is rebuilt on demand; data-loader workers get the dataset by path.
+        return {k: v for k, v in self.__dict__.items() if k != "_epoch"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._epoch = lru_cache(maxsize=2)(self._build_epoch)
+
     def __getitem__(self, i: int) -> np.ndarray:
         """Sample i as int64 tokens, shape (seq_length + 1,)."""
         if i < 0:
@@ -143,4 +151,6 @@ class BlendedSamples:
 
     def batch(self, indices: list[int]) -> np.ndarray:
         """The samples at these global indices stacked: int64 (len(indices), seq_length + 1)."""
-        return np.stack([self[i] for i in indices]) if indices else np.zeros((0, self.sources[0].seq_length + 1), np.int64)
+        if not indices:
+            return np.zeros((0, self.sources[0].seq_length + 1), np.int64)
+        return np.stack([self[i] for i in indices])
