@@ -1,0 +1,295 @@
+"""What should exist for a BloomRun: pure builders from the validated spec to manifests.
+
+No API calls here (kube.py does those) and no decisions about *when* (reconcile.py):
+every function maps a `Run` to Kubernetes objects, so tests check them without a cluster.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from bloomrun.operator.spec import API_VERSION, KIND, PLURAL, GROUP, BloomRunSpec, ManifestError
+
+OPERATOR = "bloomrun-operator"
+RUN_LABEL = "bloomrun.io/run"
+INDEX_LABEL = "bloomrun.io/worker-index"
+HASH_LABEL = "bloomrun.io/template-hash"
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+MANAGED_BY = "app.kubernetes.io/managed-by"
+
+RDZV_PORT = 29400
+CONFIG_DIR = "/etc/bloomrun"
+CONFIG_FILE = "config.yaml"
+# The trainer checkpoints on SIGTERM and then exits 0; a 1.3B ZeRO checkpoint to shared
+# storage takes tens of seconds, so the kubelet's default 30 s grace could cut it short.
+TERMINATION_GRACE_S = 300
+# In-pod restarts torchrun tries after a worker process fails before the pod itself fails
+# and the operator's restart policy takes over (membership changes do not count).
+TORCHRUN_MAX_RESTARTS = 3
+# What the trainer issue measured makes torch elastic reliable on scale-down and rejoin.
+RDZV_CONF = "last_call_timeout=2,keep_alive_interval=1,keep_alive_max_attempt=3"
+RUN_AS_USER = 1000
+GPU_RESOURCE = "nvidia.com/gpu"
+
+
+@dataclass(frozen=True)
+class Run:
+    """A BloomRun as the builders see it: identity plus the validated spec."""
+
+    name: str
+    namespace: str
+    uid: str
+    generation: int
+    spec: BloomRunSpec
+
+    @classmethod
+    def from_body(cls, body: dict) -> "Run":
+        """Raises ManifestError when the stored spec fails the pydantic checks."""
+        from bloomrun.operator.spec import parse_manifest
+
+        meta = body["metadata"]
+        document = {k: body[k] for k in ("apiVersion", "kind", "spec") if k in body}
+        document["metadata"] = {"name": meta["name"], "namespace": meta.get("namespace")}
+        run = parse_manifest(document)
+        return cls(meta["name"], meta["namespace"], meta.get("uid", ""), meta.get("generation", 1), run.spec)
+
+
+# ------------------------------------------------------------------------------ names
+
+
+def _dns_label(name: str) -> str:
+    assert len(name) <= 63, f"child name {name!r} is longer than a DNS label"
+    return name
+
+
+def worker_name(run: Run, index: int) -> str:
+    return _dns_label(f"{run.name}-worker-{index}")
+
+
+def service_name(run: Run) -> str:
+    return _dns_label(run.name)
+
+
+def config_map_name(run: Run) -> str:
+    return _dns_label(f"{run.name}-config")
+
+
+def service_account_name(run: Run) -> str:
+    return _dns_label(f"{run.name}-trainer")
+
+
+def rendezvous_endpoint(run: Run) -> str:
+    """worker-0's stable DNS name under the headless Service: it hosts the c10d store."""
+    return f"{worker_name(run, 0)}.{service_name(run)}.{run.namespace}.svc:{RDZV_PORT}"
+
+
+def labels(run: Run, component: str) -> dict[str, str]:
+    result = {
+        "app.kubernetes.io/name": "bloomrun",
+        "app.kubernetes.io/instance": run.name,
+        "app.kubernetes.io/component": component,
+        "app.kubernetes.io/part-of": "bloomrun",
+        MANAGED_BY: OPERATOR,
+        RUN_LABEL: run.name,
+    }
+    if run.spec.queue:
+        result[QUEUE_LABEL] = run.spec.queue
+    return result
+
+
+def owner_reference(run: Run) -> dict:
+    return {"apiVersion": API_VERSION, "kind": KIND, "name": run.name, "uid": run.uid,
+            "controller": True, "blockOwnerDeletion": True}
+
+
+def _metadata(run: Run, name: str, component: str, **extra_labels: str) -> dict:
+    return {"name": name, "namespace": run.namespace, "labels": labels(run, component) | extra_labels,
+            "ownerReferences": [owner_reference(run)]}
+
+
+# ---------------------------------------------------------------------- infrastructure
+
+
+def desired_config_map(run: Run) -> dict:
+    config = run.spec.resolved_trainer_config().model_dump(by_alias=True, mode="json")
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _metadata(run, config_map_name(run), "config"),
+            "data": {CONFIG_FILE: yaml.safe_dump(config, sort_keys=False)}}
+
+
+def desired_service(run: Run) -> dict:
+    """Headless: gives each worker a stable DNS name for the rendezvous and NCCL."""
+    return {
+        "apiVersion": "v1", "kind": "Service", "metadata": _metadata(run, service_name(run), "rendezvous"),
+        "spec": {
+            "clusterIP": "None",
+            "selector": {RUN_LABEL: run.name, MANAGED_BY: OPERATOR},
+            # The rendezvous host must resolve before its peers are Ready.
+            "publishNotReadyAddresses": True,
+            "ports": [{"name": "rdzv", "port": RDZV_PORT, "targetPort": RDZV_PORT}],
+        },
+    }
+
+
+def desired_rbac(run: Run) -> list[dict]:
+    """The trainer's identity: it may read and patch its own run's status, nothing else."""
+    account = service_account_name(run)
+    role = {
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+        "metadata": _metadata(run, account, "trainer-rbac"),
+        "rules": [{"apiGroups": [GROUP], "resources": [f"{PLURAL}/status"],
+                   "resourceNames": [run.name], "verbs": ["get", "patch"]}],
+    }
+    binding = {
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+        "metadata": _metadata(run, account, "trainer-rbac"),
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": account},
+        "subjects": [{"kind": "ServiceAccount", "name": account, "namespace": run.namespace}],
+    }
+    service_account = {"apiVersion": "v1", "kind": "ServiceAccount",
+                       "metadata": _metadata(run, account, "trainer-rbac")}
+    return [service_account, role, binding]
+
+
+def desired_infra(run: Run) -> list[dict]:
+    """Every child but the worker pods, in the order they should be applied."""
+    return [*desired_rbac(run), desired_config_map(run), desired_service(run)]
+
+
+def content_hash(objects: Any) -> str:
+    return hashlib.sha256(json.dumps(objects, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------- workers
+
+
+def torchrun_command(run: Run) -> list[str]:
+    spec = run.spec
+    return [
+        "torchrun",
+        f"--nnodes={spec.nodes.min}:{spec.nodes.max}",
+        f"--nproc-per-node={max(spec.gpus_per_node, 1)}",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint={rendezvous_endpoint(run)}",
+        # Never the default id: jobs sharing an endpoint would share rendezvous state.
+        f"--rdzv-id={run.uid}",
+        f"--rdzv-conf={RDZV_CONF}",
+        f"--max-restarts={TORCHRUN_MAX_RESTARTS}",
+        "-m", "bloomrun.trainer.train",
+        "--config", f"{CONFIG_DIR}/{CONFIG_FILE}",
+    ]
+
+
+def worker_env(run: Run) -> list[dict]:
+    operator_env = [
+        # Restarted agents must not reuse the rendezvous TCP store and read dead peers'
+        # addresses (pytorch issue 135712): with this, recovery worked 8 of 8 times.
+        {"name": "TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "value": "1"},
+        {"name": "BLOOMRUN_RUN_NAME", "value": run.name},
+        {"name": "BLOOMRUN_RUN_NAMESPACE", "value": run.namespace},
+        {"name": "BLOOMRUN_RUN_UID", "value": run.uid},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+    ]
+    user_names = {e.name for e in run.spec.env}
+    return [e for e in operator_env if e["name"] not in user_names] + [
+        {"name": e.name, "value": e.value} for e in run.spec.env
+    ]
+
+
+def worker_tolerations(run: Run) -> list[dict]:
+    tolerations = [t.model_dump(by_alias=True, exclude_none=True) for t in run.spec.pool.tolerations]
+    if run.spec.gpus_per_node and not any(t.get("key") == GPU_RESOURCE for t in tolerations):
+        # GPU pools carry this taint so CPU pods stay off them; a GPU worker belongs there.
+        tolerations.append({"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"})
+    return tolerations
+
+
+def worker_resources(run: Run) -> dict:
+    limits = dict(run.spec.resources.limits)
+    requests = dict(run.spec.resources.requests)
+    if run.spec.gpus_per_node:
+        limits[GPU_RESOURCE] = str(run.spec.gpus_per_node)
+    result = {}
+    if requests:
+        result["requests"] = requests
+    if limits:
+        result["limits"] = limits
+    return result
+
+
+def _checkpoint_volume(run: Run) -> dict:
+    claim = run.spec.checkpoint_volume.claim_name
+    source = {"persistentVolumeClaim": {"claimName": claim}} if claim else {"emptyDir": {}}
+    return {"name": "checkpoints", **source}
+
+
+def restricted_security_context() -> dict:
+    """What Pod Security's `restricted` level demands of a container."""
+    return {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
+            "runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+def worker_pod_spec(run: Run) -> dict:
+    """The pod spec shared by all workers of a run (the hostname is added per worker)."""
+    spec = run.spec
+    shm = {"medium": "Memory"} | ({"sizeLimit": spec.shm_size} if spec.shm_size else {})
+    container = {
+        "name": "trainer",
+        "image": spec.image,
+        "command": torchrun_command(run),
+        "env": worker_env(run),
+        "ports": [{"name": "rdzv", "containerPort": RDZV_PORT},
+                  {"name": "metrics", "containerPort": spec.metrics.port}],
+        "resources": worker_resources(run),
+        "volumeMounts": [
+            {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+            {"name": "checkpoints", "mountPath": spec.checkpoint_volume.mount_path},
+            {"name": "dshm", "mountPath": "/dev/shm"},
+        ],
+        "securityContext": restricted_security_context(),
+    }
+    if spec.metrics.port == 0:
+        container["ports"] = container["ports"][:1]
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",  # the operator replaces failed workers, with backoff and a count
+        "subdomain": service_name(run),
+        "serviceAccountName": service_account_name(run),
+        "terminationGracePeriodSeconds": TERMINATION_GRACE_S,
+        "securityContext": {"runAsNonRoot": True, "runAsUser": RUN_AS_USER, "runAsGroup": RUN_AS_USER,
+                            "fsGroup": RUN_AS_USER, "seccompProfile": {"type": "RuntimeDefault"}},
+        "nodeSelector": dict(spec.pool.node_selector),
+        "tolerations": worker_tolerations(run),
+        "containers": [container],
+        "volumes": [
+            {"name": "config", "configMap": {"name": config_map_name(run)}},
+            _checkpoint_volume(run),
+            {"name": "dshm", "emptyDir": shm},
+        ],
+    }
+    if spec.pool.affinity:
+        pod_spec["affinity"] = spec.pool.affinity
+    if spec.priority_class_name:
+        pod_spec["priorityClassName"] = spec.priority_class_name
+    return pod_spec
+
+
+def template_hash(run: Run) -> str:
+    """Changes exactly when the workers must be recreated to pick up a spec change."""
+    return content_hash([worker_pod_spec(run), desired_config_map(run)["data"]])
+
+
+def desired_worker(run: Run, index: int) -> dict:
+    pod_spec = worker_pod_spec(run) | {"hostname": worker_name(run, index)}
+    metadata = _metadata(run, worker_name(run, index), "worker",
+                         **{INDEX_LABEL: str(index), HASH_LABEL: template_hash(run)})
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": pod_spec}
+
+
+__all__ = [
+    "Run", "ManifestError", "desired_infra", "desired_worker", "template_hash", "worker_name",
+    "content_hash", "torchrun_command", "rendezvous_endpoint",
+]

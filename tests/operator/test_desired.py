@@ -1,0 +1,90 @@
+"""Pure builders: the manifests a BloomRun turns into."""
+
+import yaml
+
+from bloomrun.operator import desired
+from bloomrun.trainer.config import TrainerConfig
+
+from .conftest import make_run
+
+
+def test_worker_pod_runs_elastic_torchrun_with_a_unique_rendezvous(run):
+    pod = desired.desired_worker(run, 1)
+    command = pod["spec"]["containers"][0]["command"]
+    assert command[:3] == ["torchrun", "--nnodes=2:3", "--nproc-per-node=8"]
+    assert "--rdzv-backend=c10d" in command
+    assert "--rdzv-endpoint=ablation-worker-0.ablation.team-a.svc:29400" in command
+    assert "--rdzv-id=uid-1234" in command  # never the default id shared between jobs
+    assert any(a.startswith("--rdzv-conf=last_call_timeout=2") for a in command)
+    assert command[-2:] == ["--config", "/etc/bloomrun/config.yaml"]
+    env = {e["name"]: e["value"] for e in pod["spec"]["containers"][0]["env"]}
+    assert env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
+    assert env["BLOOMRUN_RUN_NAME"] == "ablation" and env["BLOOMRUN_RUN_NAMESPACE"] == "team-a"
+
+
+def test_worker_pod_has_stable_identity_and_owner(run):
+    pod = desired.desired_worker(run, 2)
+    assert pod["metadata"]["name"] == "ablation-worker-2"
+    assert pod["spec"]["hostname"] == "ablation-worker-2" and pod["spec"]["subdomain"] == "ablation"
+    owner = pod["metadata"]["ownerReferences"][0]
+    assert owner["uid"] == "uid-1234" and owner["controller"] is True and owner["kind"] == "BloomRun"
+    assert pod["metadata"]["labels"][desired.INDEX_LABEL] == "2"
+    assert pod["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "bloomrun-operator"
+
+
+def test_worker_pod_lands_on_the_gpu_pool_with_restricted_security(run):
+    spec = desired.desired_worker(run, 0)["spec"]
+    container = spec["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "8"
+    assert spec["nodeSelector"] == {"bloomrun.io/pool": "a100-80gb"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
+    assert container["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
+                                            "runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+    shm = next(v for v in spec["volumes"] if v["name"] == "dshm")
+    assert shm["emptyDir"]["medium"] == "Memory"
+    assert spec["restartPolicy"] == "Never"
+
+
+def test_cpu_workers_do_not_ask_for_gpus_or_tolerate_their_taint():
+    spec = desired.desired_worker(make_run(gpusPerNode=0), 0)["spec"]
+    assert "nvidia.com/gpu" not in str(spec["containers"][0]["resources"])
+    assert spec["tolerations"] == []
+    assert "--nproc-per-node=1" in spec["containers"][0]["command"]
+
+
+def test_user_env_is_passed_after_the_operators():
+    run = make_run(env=[{"name": "NCCL_DEBUG", "value": "INFO"}])
+    env = desired.desired_worker(run, 0)["spec"]["containers"][0]["env"]
+    assert env[-1] == {"name": "NCCL_DEBUG", "value": "INFO"}
+
+
+def test_config_map_holds_the_resolved_trainer_config(run):
+    config_map = next(o for o in desired.desired_infra(run) if o["kind"] == "ConfigMap")
+    config = TrainerConfig.model_validate(yaml.safe_load(config_map["data"]["config.yaml"]))
+    assert config.checkpoint.dir == "/checkpoints"
+    assert config.training.train_steps == 20
+
+
+def test_trainer_may_only_patch_its_own_status(run):
+    role = next(o for o in desired.desired_infra(run) if o["kind"] == "Role")
+    assert role["rules"] == [{"apiGroups": ["bloomrun.io"], "resources": ["bloomruns/status"],
+                              "resourceNames": ["ablation"], "verbs": ["get", "patch"]}]
+    pod = desired.desired_worker(run, 0)
+    assert pod["spec"]["serviceAccountName"] == "ablation-trainer"
+
+
+def test_service_is_headless_and_publishes_unready_workers(run):
+    service = next(o for o in desired.desired_infra(run) if o["kind"] == "Service")
+    assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"]
+
+
+def test_template_hash_changes_with_the_pod_spec_but_not_with_suspend():
+    base = desired.template_hash(make_run())
+    assert desired.template_hash(make_run(suspend=True)) == base
+    assert desired.template_hash(make_run(image="other:1")) != base
+    assert desired.template_hash(make_run(optim={"lr": 1e-4})) != base  # the config changed
+
+
+def test_queue_label_for_kueue():
+    pod = desired.desired_worker(make_run(queue="research"), 0)
+    assert pod["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "research"

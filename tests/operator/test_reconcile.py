@@ -1,0 +1,191 @@
+"""The planner, from (run, status, observed pods, now) to actions: no cluster needed."""
+
+from datetime import datetime, timedelta, timezone
+
+from bloomrun.operator import desired
+from bloomrun.operator.reconcile import PodView, plan
+from bloomrun.operator.spec import BloomRunStatus
+
+from .conftest import make_run
+
+T0 = datetime(2026, 11, 26, 12, 0, 0, tzinfo=timezone.utc)
+
+
+def pod(run, index, phase="Running", node="a100-80gb-0", uid=None, **kw):
+    return PodView(name=desired.worker_name(run, index), uid=uid or f"uid-{index}", index=index,
+                   template_hash=desired.template_hash(run), phase=phase, node_name=node, **kw)
+
+
+def step(run, status, pods, now=T0, nodes=None):
+    result = plan(run, status, pods, now, known_nodes=nodes)
+    return result, result.status
+
+
+def test_a_new_run_gets_its_children_and_max_workers(run):
+    result, status = step(run, BloomRunStatus(), [])
+    assert {o["kind"] for o in result.infra.objects} == {"ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Service"}
+    assert [c.manifest["metadata"]["name"] for c in result.creates] == [
+        "ablation-worker-0", "ablation-worker-1", "ablation-worker-2"]
+    assert status.phase == "Pending" and status.nodes.display == "0/3"
+
+
+def test_existing_pods_are_never_created_twice(run):
+    _, status = step(run, BloomRunStatus(), [])
+    result, _ = step(run, status, [pod(run, 0, "Pending", node=None), pod(run, 2)])
+    assert [c.manifest["metadata"]["name"] for c in result.creates] == ["ablation-worker-1"]
+    assert result.infra is None  # already applied for this spec
+
+
+def test_running_at_min_is_running_and_all_running_records_the_time(run):
+    _, status = step(run, BloomRunStatus(), [])
+    result, status = step(run, status, [pod(run, 0), pod(run, 1), pod(run, 2, "Pending", node=None,
+                                                                     unschedulable="0/2 nodes are available")])
+    assert status.phase == "Running" and status.nodes.display == "2/3" and status.running_time is None
+    result, status = step(run, status, [pod(run, i) for i in range(3)])
+    assert status.running_time is not None and result.became_running
+    running = next(c for c in status.conditions if c.type == "Running")
+    assert running.status == "True" and running.observed_generation == 1
+
+
+def test_below_min_waits_in_pending_with_the_schedulers_reason(run):
+    _, status = step(run, BloomRunStatus(), [])
+    reason = "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."
+    pods = [pod(run, 0)] + [pod(run, i, "Pending", node=None, unschedulable=reason) for i in (1, 2)]
+    _, status = step(run, status, pods)
+    assert status.phase == "Pending" and reason in status.message
+    scheduled = next(c for c in status.conditions if c.type == "Scheduled")
+    assert scheduled.status == "False" and scheduled.reason == "Unschedulable" and reason in scheduled.message
+
+
+def test_a_retryable_failure_is_counted_once_and_replaced_after_backoff(run):
+    _, status = step(run, BloomRunStatus(), [])
+    _, status = step(run, status, [pod(run, i) for i in range(3)])
+    failed = pod(run, 1, "Failed", exit_code=137, uid="dead-1")
+    pods = [pod(run, 0), failed, pod(run, 2)]
+    result, status = step(run, status, pods, now=T0 + timedelta(seconds=5))
+    assert status.restarts == 1 and status.restarts_by_reason == {"RetryableExitCode": 1}
+    assert [(d.name, d.uid) for d in result.deletes] == [("ablation-worker-1", "dead-1")]
+    assert result.restart_reasons == ["RetryableExitCode"] and not result.creates
+    assert any(e.reason == "WorkerFailed" for e in result.events)
+    # The same observation again (a retry, or a stale cache): no second count.
+    result, status = step(run, status, pods, now=T0 + timedelta(seconds=6))
+    assert status.restarts == 1 and result.deletes[0].uid == "dead-1"
+    # Once the pod is gone and the backoff (10 s) passed, the worker comes back.
+    result, _ = step(run, status, [pod(run, 0), pod(run, 2)], now=T0 + timedelta(seconds=7))
+    assert not result.creates and 7 < result.requeue_after <= 8
+    result, status = step(run, status, [pod(run, 0), pod(run, 2)], now=T0 + timedelta(seconds=16))
+    assert [c.manifest["metadata"]["name"] for c in result.creates] == ["ablation-worker-1"]
+
+
+def test_backoff_doubles_with_each_restart():
+    run = make_run(restartPolicy={"backoffSeconds": 4, "maxRestarts": 10})
+    status = BloomRunStatus(phase="Running")
+    delays = []
+    for n in range(3):
+        result, status = step(run, status, [pod(run, 0, "Failed", exit_code=143, uid=f"f{n}")], now=T0)
+        delays.append(result.requeue_after)
+    assert delays == [4, 8, 16]
+
+
+def test_a_permanent_exit_code_fails_the_run_and_stops_the_others(run):
+    _, status = step(run, BloomRunStatus(), [])
+    pods = [pod(run, 0), pod(run, 1, "Failed", exit_code=1, message="FileNotFoundError: data"), pod(run, 2)]
+    result, status = step(run, status, pods)
+    assert status.phase == "Failed" and status.restarts == 0
+    assert "exit code 1" in status.message and status.last_failure.message.startswith("FileNotFound")
+    assert {d.name for d in result.deletes} == {"ablation-worker-0", "ablation-worker-1", "ablation-worker-2"}
+    assert not result.creates
+    # Terminal: nothing is recreated afterwards.
+    result, status = step(run, status, [])
+    assert status.phase == "Failed" and not result.creates
+
+
+def test_oom_eviction_and_node_loss_are_classified_and_retryable(run):
+    _, status = step(run, BloomRunStatus(), [])
+    pods = [pod(run, 0, "Failed", reason="OOMKilled", exit_code=137, uid="a"),
+            pod(run, 1, "Failed", reason="Evicted", exit_code=137, uid="b"),
+            pod(run, 2, "Running", node="gone-node", uid="c")]
+    result, status = step(run, status, pods, nodes={"a100-80gb-0"})
+    assert status.restarts_by_reason == {"OOMKilled": 1, "Evicted": 1, "NodeLost": 1}
+    lost = next(d for d in result.deletes if d.uid == "c")
+    assert lost.force  # no kubelet is left to confirm a graceful stop
+
+
+def test_max_restarts_exhausted_fails_the_run():
+    run = make_run(restartPolicy={"maxRestarts": 1, "backoffSeconds": 0})
+    result, status = step(run, BloomRunStatus(phase="Running"), [pod(run, 0, "Failed", exit_code=137, uid="x")])
+    assert status.restarts == 1 and status.phase == "Restarting"
+    result, status = step(run, status, [pod(run, 0, "Failed", exit_code=137, uid="y")])
+    assert status.phase == "Failed" and status.restarts == 2
+    failed = next(c for c in status.conditions if c.type == "Failed")
+    assert failed.status == "True" and failed.reason == "RestartLimitExceeded"
+
+
+def test_a_worker_exiting_zero_means_training_is_complete(run):
+    result, status = step(run, BloomRunStatus(phase="Running"), [pod(run, 0, "Succeeded", exit_code=0), pod(run, 1)])
+    assert status.phase == "Succeeded" and status.completion_time
+    assert not result.creates and not result.deletes  # the others finish by themselves
+
+
+def test_suspend_deletes_workers_and_resume_recreates_them():
+    run = make_run(suspend=True, nodes={"min": 1, "max": 2})
+    result, status = step(run, BloomRunStatus(phase="Running"), [pod(run, 0), pod(run, 1)])
+    assert status.phase == "Suspended" and {d.reason for d in result.deletes} == {"Suspended"}
+    assert not result.creates and status.restarts == 0
+    resumed = make_run(suspend=False, nodes={"min": 1, "max": 2}, generation=2)
+    result, status = step(resumed, status, [])
+    assert len(result.creates) == 2 and status.phase == "Pending"
+
+
+def test_gpu_hours_are_integrated_over_running_workers():
+    run = make_run(gpusPerNode=8, nodes={"min": 2, "max": 2})
+    _, status = step(run, BloomRunStatus(), [])
+    _, status = step(run, status, [pod(run, 0), pod(run, 1)], now=T0)
+    _, status = step(run, status, [pod(run, 0), pod(run, 1)], now=T0 + timedelta(minutes=30))
+    assert abs(status.gpu_hours.used - 2 * 8 * 0.5) < 1e-6
+
+
+def test_the_gpu_hour_budget_stops_the_run_cleanly_and_it_succeeds():
+    run = make_run(gpusPerNode=8, nodes={"min": 1, "max": 1}, budget={"gpuHours": 4})
+    status = BloomRunStatus(phase="Running")
+    _, status = step(run, status, [pod(run, 0)], now=T0)
+    result, status = step(run, status, [pod(run, 0)], now=T0 + timedelta(minutes=31))
+    assert status.stopping == "GPUHourBudgetSpent"
+    assert [d.reason for d in result.deletes] == ["GPUHourBudgetSpent"] and not result.deletes[0].force
+    # The trainer checkpoints on SIGTERM and exits 0 (or 143 while the pod is deleting):
+    # neither is a failure, and nothing is recreated.
+    result, status = step(run, status, [pod(run, 0, "Failed", exit_code=143, deleting=True)], now=T0 + timedelta(minutes=32))
+    assert status.restarts == 0 and not result.creates
+    result, status = step(run, status, [], now=T0 + timedelta(minutes=33))
+    assert status.phase == "Succeeded" and status.restarts == 0
+    assert next(c for c in status.conditions if c.type == "Succeeded").reason == "GPUHourBudgetSpent"
+
+
+def test_a_spec_change_replaces_stale_workers_without_counting_a_restart():
+    old, new = make_run(image="trainer:1"), make_run(image="trainer:2", generation=2)
+    stale = pod(old, 0)
+    result, status = step(new, BloomRunStatus(phase="Running"), [stale])
+    assert [d.reason for d in result.deletes] == ["SpecChanged"] and status.restarts == 0
+    assert result.infra is not None  # the ConfigMap follows the spec too
+
+
+def test_unchanged_observations_write_no_status(run):
+    pods = [pod(run, i) for i in range(3)]
+    _, status = step(run, BloomRunStatus(), pods)
+    result, _ = step(run, status, pods, now=T0 + timedelta(seconds=20))
+    assert not result.status_changed and not result.creates and not result.deletes and not result.events
+    result, _ = step(run, status, pods, now=T0 + timedelta(seconds=61))
+    assert result.status_changed  # GPU-hour accounting is written once a minute
+
+
+def test_pod_view_reads_kubelet_statuses():
+    body = {"metadata": {"name": "r-worker-1", "uid": "u", "labels": {desired.INDEX_LABEL: "1"}},
+            "spec": {"nodeName": "n1"},
+            "status": {"phase": "Failed", "containerStatuses": [
+                {"name": "trainer", "state": {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}}]}}
+    view = PodView.from_body(body)
+    assert (view.index, view.phase, view.exit_code, view.reason) == (1, "Failed", 137, "OOMKilled")
+    pending = {"metadata": {"name": "p", "labels": {desired.INDEX_LABEL: "0"}}, "status": {
+        "phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                                            "message": "0/3 nodes are available"}]}}
+    assert PodView.from_body(pending).unschedulable == "0/3 nodes are available"
