@@ -1,0 +1,145 @@
+"""Bias + SwiGLU, forward and backward, fused in Triton (the paper's activation ablation).
+
+The MLP's first projection produces (..., 2F); with its bias added, the first half is
+the gate a and the second half the value g: out = silu(a) * g, shape (..., F). The fused
+kernel reads the (..., 2F) input once and writes (..., F); the backward writes d(x) for
+both halves and per-tile column sums for dbias.
+
+References: Shazeer, "GLU Variants Improve Transformer" (2020); Liger-Kernel `ops/swiglu.py`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from bloomrun.kernels._launch import check_last_dim_contiguous, interpreting, pick_configs
+
+
+def _tile_configs() -> list[triton.Config]:
+    tuned = [triton.Config({"BLOCK_F": f}, num_warps=w) for f in (256, 512, 1024) for w in (4, 8)]
+    return pick_configs(tuned, triton.Config({"BLOCK_F": 32}, num_warps=1))
+
+
+def _block_rows() -> int:
+    return 16 if interpreting() else 32
+
+
+@triton.autotune(configs=_tile_configs(), key=["half"])
+@triton.jit
+def _bias_swiglu_forward_kernel(
+    Y,  # (M, F) output, contiguous
+    X,  # (M, 2F), row stride stride_x
+    Bias,  # (2F,)
+    stride_x,
+    n_rows,
+    half,  # F
+    BLOCK_M: tl.constexpr,
+    BLOCK_F: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
+    col_ok = cols < half
+    mask = (rows < n_rows)[:, None] & col_ok[None, :]
+    gate_ptrs = X + rows[:, None] * stride_x + cols[None, :]
+    a = tl.load(gate_ptrs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(gate_ptrs + half, mask=mask, other=0.0).to(tl.float32)
+    a += tl.load(Bias + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    g += tl.load(Bias + half + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    y = a * tl.sigmoid(a) * g
+    tl.store(Y + rows[:, None] * half + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.autotune(configs=_tile_configs(), key=["half"])
+@triton.jit
+def _bias_swiglu_backward_kernel(
+    DX,  # (M, 2F) output, contiguous
+    DBias_partial,  # (cdiv(M, BLOCK_M), 2F) fp32
+    DY,  # (M, F), row stride stride_dy
+    X,  # (M, 2F), row stride stride_x
+    Bias,  # (2F,)
+    stride_dy,
+    stride_x,
+    n_rows,
+    half,
+    BLOCK_M: tl.constexpr,
+    BLOCK_F: tl.constexpr,
+):
+    row_tile = tl.program_id(0)
+    rows = row_tile.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
+    col_ok = cols < half
+    mask = (rows < n_rows)[:, None] & col_ok[None, :]
+    gate_ptrs = X + rows[:, None] * stride_x + cols[None, :]
+    a = tl.load(gate_ptrs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(gate_ptrs + half, mask=mask, other=0.0).to(tl.float32)
+    a += tl.load(Bias + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    g += tl.load(Bias + half + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    s = tl.sigmoid(a)
+    silu = a * s
+    da = tl.where(mask, dy * g * s * (1.0 + a * (1.0 - s)), 0.0)
+    dg = tl.where(mask, dy * silu, 0.0)
+    out = DX + rows[:, None] * (2 * half) + cols[None, :]
+    tl.store(out, da.to(DX.dtype.element_ty), mask=mask)
+    tl.store(out + half, dg.to(DX.dtype.element_ty), mask=mask)
+    partial = DBias_partial + row_tile * (2 * half) + cols
+    tl.store(partial, tl.sum(da, axis=0), mask=col_ok)
+    tl.store(partial + half, tl.sum(dg, axis=0), mask=col_ok)
+
+
+def _as_rows(x, bias):
+    check_last_dim_contiguous("bias_swiglu input", x)
+    width = x.shape[-1]
+    if width % 2 or bias.shape != (width,):
+        raise ValueError(f"bias_swiglu needs an even last dimension and bias ({width},), got {tuple(x.shape)}, {tuple(bias.shape)}")
+    return x.reshape(-1, width)
+
+
+def bias_swiglu_forward(x, bias):
+    x2 = _as_rows(x, bias)
+    n_rows, half = x2.shape[0], x2.shape[1] // 2
+    y = torch.empty(n_rows, half, dtype=x.dtype, device=x.device)
+    block_m = _block_rows()
+    grid = lambda meta: (triton.cdiv(n_rows, block_m), triton.cdiv(half, meta["BLOCK_F"]))
+    _bias_swiglu_forward_kernel[grid](y, x2, bias, x2.stride(0), n_rows, half, BLOCK_M=block_m)
+    return y.view(*x.shape[:-1], half)
+
+
+def bias_swiglu_backward(dy, x, bias):
+    """Returns (dx, dbias)."""
+    x2 = _as_rows(x, bias)
+    n_rows, half = x2.shape[0], x2.shape[1] // 2
+    dy2 = dy.contiguous().view(n_rows, half)
+    block_m = _block_rows()
+    dx = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    dbias_partial = torch.empty(triton.cdiv(n_rows, block_m), 2 * half, dtype=torch.float32, device=x.device)
+    grid = lambda meta: (triton.cdiv(n_rows, block_m), triton.cdiv(half, meta["BLOCK_F"]))
+    _bias_swiglu_backward_kernel[grid](
+        dx, dbias_partial, dy2, x2, bias, dy2.stride(0), x2.stride(0), n_rows, half, BLOCK_M=block_m
+    )
+    return dx.view(x.shape), dbias_partial.sum(0).to(bias.dtype)
+
+
+class BiasSwigluFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, bias):
+        ctx.save_for_backward(x, bias)
+        return bias_swiglu_forward(x, bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, bias = ctx.saved_tensors
+        return bias_swiglu_backward(dy, x, bias)
+
+
+def bias_swiglu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """silu(a) * g where (a, g) = (x + bias).chunk(2, -1); x (..., 2F) -> (..., F)."""
+    return BiasSwigluFunction.apply(x, bias)
+
+
+def bias_swiglu_reference(x, bias):
+    """Plain torch, computed in fp32 and cast back to x's dtype."""
+    a, g = (x.float() + bias.float()).chunk(2, dim=-1)
+    return (torch.nn.functional.silu(a) * g).to(x.dtype)
