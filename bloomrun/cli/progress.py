@@ -130,6 +130,13 @@ class ProgressDisplay:
             self.stream.write(line + "\n")
             self.stream.flush()
 
+    def finish(self) -> None:
+        """Training completed: the last scrape may predate the final steps."""
+        if self.bar is not None:
+            total = self.bar.tasks[0].total
+            if total:
+                self.bar.update(self.task, completed=total)
+
     def update(self, snapshot: Snapshot, now: float | None = None) -> None:
         self.rate.observe(time.monotonic() if now is None else now, snapshot.step)
         if self.bar is None:

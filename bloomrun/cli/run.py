@@ -177,9 +177,8 @@ def supervise(plan: Launch) -> int:
     with stopper.installed(), ProgressDisplay(f"{plan.name}") as display:
         stream(lines, display, plan.metrics_url)
         code = proc.wait()
-        final = scrape(plan.metrics_url)
-        if final:
-            display.update(final)
+        if code == 0 and stopper.signal is None:
+            display.finish()  # the trainer exits 0 unasked only once training is complete
     if stopper.signal:
         print(f"stopped by {stopper.signal.name}; run the same command again to resume", flush=True)
         return 128 + stopper.signal.value
