@@ -252,6 +252,8 @@ def worker_pod_spec(run: Run) -> dict:
         ],
         "securityContext": restricted_security_context(),
     }
+    if spec.data_volume.claim_name:
+        container["volumeMounts"].append({"name": "data", "mountPath": spec.data_volume.mount_path, "readOnly": True})
     if spec.metrics.port == 0:
         container["ports"] = container["ports"][:1]
     pod_spec: dict[str, Any] = {
@@ -270,6 +272,9 @@ def worker_pod_spec(run: Run) -> dict:
             {"name": "dshm", "emptyDir": shm},
         ],
     }
+    if spec.data_volume.claim_name:
+        pod_spec["volumes"].append(
+            {"name": "data", "persistentVolumeClaim": {"claimName": spec.data_volume.claim_name, "readOnly": True}})
     if spec.pool.affinity:
         pod_spec["affinity"] = spec.pool.affinity
     if spec.priority_class_name:

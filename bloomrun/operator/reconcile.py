@@ -35,6 +35,7 @@ NODE_LOST = "NodeLost"
 UNKNOWN = "Unknown"
 RETRYABLE_CLASSES = {RETRYABLE_EXIT, OOM_KILLED, EVICTED, NODE_LOST, UNKNOWN}
 BUDGET_SPENT = "GPUHourBudgetSpent"
+INVALID_SPEC = "InvalidSpec"
 
 
 def rfc3339(moment: datetime) -> str:
@@ -180,6 +181,8 @@ def plan(run: desired.Run, status: BloomRunStatus, pods: list[PodView], now: dat
         new.infra_hash = infra_hash
 
     _account_gpu_hours(new, spec.gpus_per_node, now)
+    if new.phase == "Failed" and _reason_of(new, "Failed") == INVALID_SPEC:
+        new.phase, new.completion_time = None, None  # the spec was fixed: start over
     terminal = new.phase in ("Succeeded", "Failed")
 
     # Failed workers: count each once, then delete it so its name can be reused.
@@ -357,3 +360,12 @@ def _material_change(before: dict, after: dict, now: datetime, old: BloomRunStat
         return True
     since = parse_time(old.gpu_hours.accounted_at)
     return since is None or (now - since).total_seconds() >= GPU_HOURS_WRITE_EVERY_S
+
+
+def refuse_invalid_spec(status: BloomRunStatus, message: str, generation: int, now: datetime) -> BloomRunStatus:
+    """The status of a run whose stored spec fails validation: Failed, naming the field."""
+    new = status.model_copy(deep=True)
+    stamp = rfc3339(now)
+    new.phase, new.message, new.observed_generation = "Failed", message, generation
+    new.conditions = set_condition(new.conditions, C.FAILED, True, INVALID_SPEC, message, generation, stamp)
+    return new

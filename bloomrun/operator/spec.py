@@ -176,6 +176,13 @@ class CheckpointVolume(Section):
     """Where the volume is mounted; the trainer's checkpoint.dir is set to it."""
 
 
+class DataVolume(Section):
+    claim_name: str | None = Field(default=None, max_length=253)
+    """PersistentVolumeClaim holding the pretokenized corpora (data.sources paths point into it)."""
+    mount_path: str = Field(default="/data", pattern=r"^/[^:]*$", max_length=255)
+    """Where it is mounted (read-only)."""
+
+
 class RestartPolicy(Section):
     max_restarts: int = Field(default=10, ge=0, le=10_000)
     """Worker replacements allowed before the run is marked Failed."""
@@ -231,6 +238,8 @@ class BloomRunSpec(TrainerConfig):
     """CPU, memory and other resources per worker."""
     checkpoint_volume: CheckpointVolume = CheckpointVolume()
     """Volume holding checkpoints."""
+    data_volume: DataVolume = DataVolume()
+    """Volume holding the training data, mounted read-only (none: the data is in the image)."""
     restart_policy: RestartPolicy = RestartPolicy()
     """When and how often failed workers are replaced."""
     suspend: bool = False

@@ -1,0 +1,53 @@
+"""`python -m bloomrun.operator`: run the BloomRun operator."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from bloomrun.operator.metrics import DEFAULT_PORT
+
+    parser = argparse.ArgumentParser(prog="python -m bloomrun.operator", description=__doc__)
+    parser.add_argument("-n", "--namespace", action="append", default=[],
+                        help="watch only this namespace (repeatable); default: all namespaces")
+    parser.add_argument("--standalone", action="store_true",
+                        help="no peering: for a single replica (several replicas need peering)")
+    parser.add_argument("--peering", default="bloomrun",
+                        help="KopfPeering/ClusterKopfPeering object the replicas coordinate through")
+    parser.add_argument("--priority", type=int, default=0, help="peering priority of this replica")
+    parser.add_argument("--liveness", default="http://0.0.0.0:8081/healthz",
+                        help="liveness endpoint URL ('' for none)")
+    parser.add_argument("--metrics-port", type=int, default=DEFAULT_PORT, help="Prometheus port (0: off)")
+    parser.add_argument("--timer-interval", type=float, default=10.0, help="seconds between safety-net reconciles")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import os
+
+    os.environ["BLOOMRUN_OPERATOR_TIMER_S"] = str(args.timer_interval)
+    import kopf
+
+    from bloomrun.operator import main as handlers
+
+    handlers.OPTIONS.metrics_port = args.metrics_port
+    kopf.configure(verbose=args.verbose)
+    logging.getLogger("kubernetes").setLevel(logging.WARNING)
+    kopf.run(
+        clusterwide=not args.namespace,
+        namespaces=args.namespace,
+        standalone=args.standalone,
+        peering_name=args.peering,
+        priority=args.priority,
+        liveness_endpoint=args.liveness or None,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""One reconcile of one run: read it fresh, plan (pure), then carry out the plan.
+
+Order matters for exactly-once counting and no duplicates: (1) apply the infrastructure,
+(2) write the status conditionally on the resourceVersion that was planned from, (3) only
+then delete failed or surplus pods and create missing ones, (4) post Events. A Conflict in
+(2) abandons the rest; the next trigger plans again from a fresh read.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from datetime import datetime, timezone
+
+from bloomrun.operator import reconcile as planner
+from bloomrun.operator.desired import Run
+from bloomrun.operator.kube import ApiError, Conflict, Kube
+from bloomrun.operator.metrics import OperatorMetrics
+from bloomrun.operator.reconcile import PodView
+from bloomrun.operator.spec import BloomRunStatus, ManifestError
+
+log = logging.getLogger(__name__)
+
+CONFLICT_RETRY_S = 1.0
+
+
+def status_patch(status: BloomRunStatus) -> dict:
+    # progress belongs to the trainer: leaving it out of the merge-patch leaves it alone.
+    return status.model_dump(by_alias=True, mode="json", exclude={"progress"})
+
+
+class Controller:
+    def __init__(self, kube: Kube, metrics: OperatorMetrics):
+        self.kube = kube
+        self.metrics = metrics
+        self._locks: dict[tuple[str, str], threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+        self._timers: dict[tuple[str, str], threading.Timer] = {}
+        self.pods_source = None  # callable (namespace, name) -> list[PodView]
+        self.nodes_source = None  # callable () -> set[str] | None
+
+    def _lock(self, key: tuple[str, str]) -> threading.Lock:
+        with self._locks_guard:
+            return self._locks.setdefault(key, threading.Lock())
+
+    def reconcile(self, namespace: str, name: str) -> None:
+        """Serialised per run: kopf runs handlers of different objects (pods) concurrently."""
+        with self._lock((namespace, name)):
+            started = time.perf_counter()
+            try:
+                self._reconcile(namespace, name)
+            finally:
+                self.metrics.reconcile_seconds.observe(time.perf_counter() - started)
+
+    def _reconcile(self, namespace: str, name: str) -> None:
+        body = self.kube.get_run(namespace, name)
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            self.metrics.forget_run(namespace, name)
+            return  # the garbage collector removes the children through owner references
+        status = BloomRunStatus.model_validate(body.get("status") or {})
+        now = datetime.now(timezone.utc)
+        try:
+            run = Run.from_body(body)
+        except ManifestError as err:
+            self._refuse(body, status, str(err), now)
+            return
+        pods = self.pods_source(namespace, name) if self.pods_source else [
+            PodView.from_body(p) for p in self.kube.list_pods(namespace, f"bloomrun.io/run={name}")]
+        nodes = self.nodes_source() if self.nodes_source else None
+        plan = planner.plan(run, status, pods, now, known_nodes=nodes)
+
+        if plan.infra:
+            for obj in plan.infra.objects:
+                self.kube.apply(obj)
+        if plan.status_changed:
+            try:
+                self.kube.patch_run_status(namespace, name, body["metadata"]["resourceVersion"],
+                                           status_patch(plan.status))
+            except Conflict:
+                self.requeue(namespace, name, CONFLICT_RETRY_S)
+                return
+        for delete in plan.deletes:
+            self.kube.delete_pod(namespace, delete.name, delete.uid, force=delete.force)
+        for create in plan.creates:
+            self.kube.create_pod(create.manifest)
+        for event in plan.events:
+            self.kube.post_event(body, event.type, event.reason, event.message)
+
+        for reason in plan.restart_reasons:
+            self.metrics.restarts.labels(namespace=namespace, run=name, reason=reason).inc()
+        if plan.became_running:
+            created = planner.parse_time(body["metadata"].get("creationTimestamp"))
+            if created:
+                self.metrics.time_to_running.observe((now - created).total_seconds())
+        self.metrics.observe_run(namespace, name, plan.status, run.spec.budget.gpu_hours)
+        if plan.requeue_after is not None:
+            self.requeue(namespace, name, plan.requeue_after)
+
+    def _refuse(self, body: dict, status: BloomRunStatus, message: str, now: datetime) -> None:
+        """A stored spec the pydantic checks reject: Failed with the reason, no children."""
+        meta = body["metadata"]
+        if status.phase == "Failed" and status.message == message:
+            return
+        refused = planner.refuse_invalid_spec(status, message, meta.get("generation", 1), now)
+        try:
+            self.kube.patch_run_status(meta["namespace"], meta["name"], meta["resourceVersion"], status_patch(refused))
+        except Conflict:
+            self.requeue(meta["namespace"], meta["name"], CONFLICT_RETRY_S)
+            return
+        self.kube.post_event(body, "Warning", "InvalidSpec", message)
+        log.warning("%s/%s: invalid spec: %s", meta["namespace"], meta["name"], message)
+
+    def requeue(self, namespace: str, name: str, delay: float) -> None:
+        """Reconcile again after `delay` (backoff ends, conflicts); the timer is the safety net."""
+        key = (namespace, name)
+        with self._locks_guard:
+            previous = self._timers.get(key)
+            if previous and previous.is_alive():
+                previous.cancel()
+            timer = threading.Timer(max(delay, 0.05), self._safe_reconcile, args=key)
+            timer.daemon = True
+            self._timers[key] = timer
+            timer.start()
+
+    def _safe_reconcile(self, namespace: str, name: str) -> None:
+        try:
+            self.reconcile(namespace, name)
+        except (ApiError, OSError) as err:
+            log.warning("reconcile of %s/%s failed: %s (the timer retries)", namespace, name, err)
+        except Exception:  # a bug must not kill the timer thread silently
+            log.exception("reconcile of %s/%s crashed", namespace, name)

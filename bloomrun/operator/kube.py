@@ -1,0 +1,172 @@
+"""The operator's only conversation with the API server.
+
+Plain REST through the Kubernetes client's ApiClient, so every call states its verb, path
+and content type: server-side apply for the run's infrastructure (idempotent create-or-
+update), create-or-AlreadyExists for pods (fixed names make a retried create harmless),
+deletes with a UID precondition (never the replacement of the pod we meant), and a JSON
+merge-patch of the status carrying `metadata.resourceVersion`, which makes it conditional:
+a stale read ends in 409 Conflict instead of a lost restart count.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+from datetime import datetime, timezone
+from typing import Any, Callable
+
+from bloomrun.operator.spec import GROUP, PLURAL, VERSION
+
+log = logging.getLogger(__name__)
+
+FIELD_MANAGER = "bloomrun-operator"
+REQUEST_TIMEOUT_S = 15
+
+# kind -> (API prefix, plural) for the kinds the operator manages.
+PATHS = {
+    "Pod": ("/api/v1", "pods"),
+    "Service": ("/api/v1", "services"),
+    "ConfigMap": ("/api/v1", "configmaps"),
+    "ServiceAccount": ("/api/v1", "serviceaccounts"),
+    "Event": ("/api/v1", "events"),
+    "Role": ("/apis/rbac.authorization.k8s.io/v1", "roles"),
+    "RoleBinding": ("/apis/rbac.authorization.k8s.io/v1", "rolebindings"),
+    "BloomRun": (f"/apis/{GROUP}/{VERSION}", PLURAL),
+}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(f"{status}: {message}")
+        self.status = status
+        self.message = message
+
+
+class Conflict(ApiError):
+    """The object changed since it was read; plan again from a fresh read."""
+
+
+def object_path(kind: str, namespace: str, name: str | None = None) -> str:
+    prefix, plural = PATHS[kind]
+    path = f"{prefix}/namespaces/{namespace}/{plural}"
+    return f"{path}/{name}" if name else path
+
+
+def load_api_client():
+    """In-cluster credentials in a pod, else the kubeconfig (KUBECONFIG or ~/.kube/config)."""
+    from kubernetes import client, config
+
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+    configuration = client.Configuration.get_default_copy()
+    configuration.connection_pool_maxsize = 32  # one per executor thread and then some
+    return client.ApiClient(configuration)
+
+
+class Kube:
+    def __init__(self, api_client=None, on_error: Callable[[str], None] | None = None):
+        self.api = api_client or load_api_client()
+        self.on_error = on_error or (lambda verb: None)
+        self.identity = os.environ.get("POD_NAME") or socket.gethostname()
+
+    # ------------------------------------------------------------------ raw requests
+
+    def request(self, verb: str, path: str, body: Any = None, query: dict | None = None,
+                content_type: str = "application/json") -> dict | None:
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            response = self.api.call_api(
+                path, verb, query_params=list((query or {}).items()),
+                header_params={"Content-Type": content_type, "Accept": "application/json"},
+                body=body, auth_settings=["BearerToken"], _preload_content=False,
+                _return_http_data_only=True, _request_timeout=REQUEST_TIMEOUT_S,
+            )
+        except ApiException as err:
+            message = err.reason or ""
+            try:
+                message = json.loads(err.body or "{}").get("message", message)
+            except ValueError:
+                pass
+            if err.status not in (404, 409):
+                self.on_error(verb.lower())
+            raise (Conflict if err.status == 409 else ApiError)(err.status, message) from None
+        except Exception:
+            self.on_error(verb.lower())
+            raise
+        data = response.data
+        return json.loads(data) if data else None
+
+    # ---------------------------------------------------------------------- the run
+
+    def get_run(self, namespace: str, name: str) -> dict | None:
+        try:
+            return self.request("GET", object_path("BloomRun", namespace, name))
+        except ApiError as err:
+            if err.status == 404:
+                return None
+            raise
+
+    def patch_run_status(self, namespace: str, name: str, resource_version: str, status: dict) -> dict | None:
+        """Conditional on `resource_version`: raises Conflict when the run changed meanwhile."""
+        body = {"metadata": {"resourceVersion": resource_version}, "status": status}
+        return self.request("PATCH", object_path("BloomRun", namespace, name) + "/status", body,
+                            content_type="application/merge-patch+json")
+
+    # ------------------------------------------------------------------------ children
+
+    def apply(self, obj: dict) -> None:
+        """Server-side apply: creates the object or brings our fields up to date."""
+        meta = obj["metadata"]
+        self.request("PATCH", object_path(obj["kind"], meta["namespace"], meta["name"]), obj,
+                     query={"fieldManager": FIELD_MANAGER, "force": "true"},
+                     content_type="application/apply-patch+yaml")
+
+    def create_pod(self, manifest: dict) -> bool:
+        """True if created, False if a pod of that name already exists."""
+        try:
+            self.request("POST", object_path("Pod", manifest["metadata"]["namespace"]), manifest)
+            return True
+        except Conflict:
+            return False
+
+    def delete_pod(self, namespace: str, name: str, uid: str, force: bool = False) -> None:
+        body = {"kind": "DeleteOptions", "apiVersion": "v1", "preconditions": {"uid": uid}}
+        if force:
+            body["gracePeriodSeconds"] = 0
+        try:
+            self.request("DELETE", object_path("Pod", namespace, name), body)
+        except ApiError as err:
+            if err.status not in (404, 409):  # gone already, or a different pod now
+                raise
+
+    def list_pods(self, namespace: str, selector: str) -> list[dict]:
+        result = self.request("GET", object_path("Pod", namespace), query={"labelSelector": selector})
+        return (result or {}).get("items", [])
+
+    def list_node_names(self) -> set[str]:
+        result = self.request("GET", "/api/v1/nodes")
+        return {n["metadata"]["name"] for n in (result or {}).get("items", [])}
+
+    def post_event(self, run_body: dict, type_: str, reason: str, message: str) -> None:
+        meta = run_body["metadata"]
+        now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        event = {
+            "apiVersion": "v1", "kind": "Event",
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+            "involvedObject": {"apiVersion": run_body["apiVersion"], "kind": run_body["kind"],
+                               "name": meta["name"], "namespace": meta["namespace"], "uid": meta["uid"],
+                               "resourceVersion": meta.get("resourceVersion")},
+            "type": type_, "reason": reason, "message": message[:1024],
+            "firstTimestamp": now, "lastTimestamp": now, "count": 1,
+            "source": {"component": FIELD_MANAGER},
+            "reportingComponent": FIELD_MANAGER, "reportingInstance": self.identity[:128],
+        }
+        try:
+            self.request("POST", object_path("Event", meta["namespace"]), event)
+        except ApiError as err:  # an event is a courtesy, never a reason to fail a reconcile
+            log.warning("could not post event %s for %s/%s: %s", reason, meta["namespace"], meta["name"], err)

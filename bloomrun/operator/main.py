@@ -1,0 +1,101 @@
+"""Thin kopf handlers: every trigger runs the same reconcile of one run.
+
+create, update (spec), resume, a timer, and events of the run's pods all call
+`Controller.reconcile`, which reads the run fresh, plans (reconcile.py, pure) and applies
+the plan (kube.py). Pods and nodes are observed through kopf indexes fed by watches, so a
+reconcile lists nothing. State lives in the API server only (status, annotations), so any
+replica can take over: replicas coordinate through kopf peering.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import kopf
+
+from bloomrun.operator.controller import Controller
+from bloomrun.operator.desired import MANAGED_BY, OPERATOR, RUN_LABEL
+from bloomrun.operator.kube import ApiError, Kube
+from bloomrun.operator.metrics import DEFAULT_PORT, OperatorMetrics
+from bloomrun.operator.reconcile import PodView
+from bloomrun.operator.spec import GROUP, PLURAL, VERSION
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Options:
+    metrics_port: int = DEFAULT_PORT
+    # Safety net: events drive reconciles, the timer catches the rest. Read at import
+    # because kopf fixes a timer's interval when it is registered.
+    timer_interval_s: float = float(os.environ.get("BLOOMRUN_OPERATOR_TIMER_S", "10"))
+    max_workers: int = 16
+
+
+OPTIONS = Options()
+WORKERS = {MANAGED_BY: OPERATOR, RUN_LABEL: kopf.PRESENT}
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
+    # Keep kopf's bookkeeping in our own annotations, and out of the structural status.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=GROUP, key="last-handled-configuration")
+    settings.posting.enabled = False  # Events are ours (kube.post_event), not "handler succeeded"
+    settings.execution.max_workers = OPTIONS.max_workers
+    settings.watching.server_timeout = 300
+    settings.watching.connect_timeout = 10
+    metrics = OperatorMetrics()
+    if OPTIONS.metrics_port:
+        metrics.serve(OPTIONS.metrics_port)
+    memo.controller = Controller(Kube(on_error=lambda verb: metrics.api_errors.labels(verb=verb).inc()), metrics)
+
+
+@kopf.index("pods", labels=WORKERS)
+def worker_pods(namespace, labels, body, **_):
+    return {(namespace, labels[RUN_LABEL]): PodView.from_body(body)}
+
+
+@kopf.index("nodes")
+def node_names(name, **_):
+    return {"all": name}
+
+
+def _reconcile(memo: kopf.Memo, namespace: str, name: str, worker_pods: kopf.Index, node_names: kopf.Index) -> None:
+    controller: Controller = memo.controller
+    if controller.pods_source is None:  # the indexes are live views: hand them over once
+        controller.pods_source = lambda ns, run: _snapshot(worker_pods, (ns, run))
+        controller.nodes_source = lambda: set(_snapshot(node_names, "all")) or None
+    try:
+        controller.reconcile(namespace, name)
+    except ApiError as err:
+        log.warning("reconcile of %s/%s failed: %s (the timer retries)", namespace, name, err)
+
+
+def _snapshot(index: kopf.Index, key) -> list:
+    for _ in range(3):  # the index is updated on the event loop while we read from a thread
+        try:
+            return list(index.get(key, []))
+        except RuntimeError:
+            continue
+    return list(index.get(key, []))
+
+
+@kopf.on.resume(GROUP, VERSION, PLURAL)
+@kopf.on.create(GROUP, VERSION, PLURAL)
+@kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
+def run_changed(namespace, name, memo, worker_pods, node_names, **_) -> None:
+    _reconcile(memo, namespace, name, worker_pods, node_names)
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, interval=OPTIONS.timer_interval_s, initial_delay=OPTIONS.timer_interval_s)
+def run_timer(namespace, name, memo, worker_pods, node_names, **_) -> None:
+    _reconcile(memo, namespace, name, worker_pods, node_names)
+
+
+@kopf.on.event("pods", labels=WORKERS)
+def worker_changed(namespace, labels, memo, worker_pods, node_names, **_) -> None:
+    _reconcile(memo, namespace, labels[RUN_LABEL], worker_pods, node_names)
