@@ -24,7 +24,10 @@ def tool(name: str) -> str:
 
 
 def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([tool("helm"), *args], capture_output=True, text=True, check=check)
+    out = subprocess.run([tool("helm"), *args], capture_output=True, text=True)
+    if check and out.returncode != 0:
+        raise AssertionError(f"helm {' '.join(args)} failed:\n{out.stderr}")
+    return out
 
 
 def render(values: dict | None = None, namespace: str = NAMESPACE) -> list[dict]:

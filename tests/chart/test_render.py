@@ -68,6 +68,7 @@ def test_should_probe_kopf_health_endpoint_on_the_port_it_serves():
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
     assert container["readinessProbe"]["httpGet"]["port"] == "health"
     assert f"--liveness=http://0.0.0.0:{ports['health']}/healthz" in container["args"]
+    assert f"--metrics-port={ports['metrics']}" in container["args"]
     assert ports["metrics"] == 8080
 
 
@@ -87,8 +88,8 @@ def test_should_run_standalone_with_one_replica_and_peer_with_more():
     several = render({"replicaCount": 3})
     deployment = only(several, "Deployment")
     args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert "--peering=bloomrun-operator" in args and "--standalone" not in args
-    assert only(several, "ClusterKopfPeering")["metadata"]["name"] == "bloomrun-operator"
+    assert "--peering=br-bloomrun-operator" in args and "--standalone" not in args
+    assert only(several, "ClusterKopfPeering")["metadata"]["name"] == "br-bloomrun-operator"
     kopf_rule = [r for r in rbac_rules(several) if r["apiGroups"] == ["kopf.dev"]]
     assert kopf_rule and kopf_rule[0]["resources"] == ["clusterkopfpeerings"]
 
@@ -103,9 +104,11 @@ def test_should_bind_a_cluster_role_when_no_namespaces_are_listed():
     assert not of_kind(objects, "Role")
 
 
-def test_should_grant_a_role_per_watched_namespace_and_nothing_cluster_wide():
+def test_should_grant_a_role_per_watched_namespace_and_only_node_reads_cluster_wide():
     objects = render({"watchNamespaces": ["team-a", "team-b"], "replicaCount": 2})
-    assert not of_kind(objects, "ClusterRole") and not of_kind(objects, "ClusterRoleBinding")
+    cluster_rules = only(objects, "ClusterRole")["rules"]
+    assert cluster_rules == [{"apiGroups": [""], "resources": ["nodes"], "verbs": ["list", "watch"]}]
+    assert only(objects, "ClusterRoleBinding")["roleRef"]["name"] == only(objects, "ClusterRole")["metadata"]["name"]
     assert sorted(role["metadata"]["namespace"] for role in of_kind(objects, "Role")) == ["team-a", "team-b"]
     assert sorted(b["metadata"]["namespace"] for b in of_kind(objects, "RoleBinding")) == ["team-a", "team-b"]
     args = only(objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]

@@ -52,11 +52,15 @@ app.kubernetes.io/part-of: bloomrun
 {{- if gt (int .Values.replicaCount) 1 }}true{{ end }}
 {{- end }}
 
-{{/* kopf's command line: health endpoint, peering mode and the namespaces to serve. */}}
+{{/* The command line of bloomrun/operator/__main__.py: endpoints, peering mode and the namespaces to serve. */}}
 {{- define "bloomrun-operator.args" -}}
 - --liveness=http://0.0.0.0:{{ .Values.health.port }}/healthz
+- --metrics-port={{ .Values.metrics.port }}
+{{- if .Values.operator.verbose }}
+- --verbose
+{{- end }}
 {{- if include "bloomrun-operator.peering" . }}
-- --peering={{ .Values.peering.name }}
+- --peering={{ include "bloomrun-operator.peeringName" . }}
 {{- else }}
 - --standalone
 {{- end }}
@@ -67,4 +71,8 @@ app.kubernetes.io/part-of: bloomrun
 {{- else }}
 - --all-namespaces
 {{- end }}
+{{- end }}
+
+{{- define "bloomrun-operator.peeringName" -}}
+{{- default (include "bloomrun-operator.fullname" .) .Values.peering.name }}
 {{- end }}
