@@ -189,3 +189,12 @@ def test_pod_view_reads_kubelet_statuses():
         "phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
                                             "message": "0/3 nodes are available"}]}}
     assert PodView.from_body(pending).unschedulable == "0/3 nodes are available"
+
+
+def test_an_invalid_spec_fails_the_run_until_it_is_fixed(run):
+    from bloomrun.operator.reconcile import refuse_invalid_spec
+
+    status = refuse_invalid_spec(BloomRunStatus(), "spec.model: hiddenSize (66) must be divisible", 1, T0)
+    assert status.phase == "Failed" and "hiddenSize" in status.message
+    result, status = step(run, status, [])
+    assert status.phase == "Pending" and len(result.creates) == 3

@@ -1,0 +1,170 @@
+"""Helpers for the operator's tests on the real control plane (tests/cluster).
+
+The operator runs as a real subprocess (`python -m bloomrun.operator`) so tests can kill
+and restart it. Each test gets its own namespace (Pod Security `restricted`, which the
+worker pods must pass) and its own kwok GPU nodes, pinned with a node affinity, so tests
+never compete with each other or with other suites for the shared pools.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+from kubernetes import client
+
+from bloomrun.operator.spec import GROUP, PLURAL, VERSION
+from tests.cluster.processes import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+TIMER_S = 1.0
+
+BASE_SPEC = {
+    "model": {"preset": "tiny"},
+    "data": {"sources": [{"path": "/data/tiny_text_document"}]},
+    "training": {"trainSteps": 100, "globalBatchSize": 16, "microBatchSize": 8},
+    "image": "ghcr.io/bloomrun/trainer:test",
+    "gpusPerNode": 8,
+    "restartPolicy": {"backoffSeconds": 1, "maxRestarts": 5},
+}
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.25):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})")
+
+
+class Operator:
+    """The operator as a subprocess, with its liveness and metrics ports."""
+
+    def __init__(self, cluster, *extra_args: str):
+        self.cluster = cluster
+        self.liveness_port, self.metrics_port = free_port(), free_port()
+        argv = [sys.executable, "-m", "bloomrun.operator", "--liveness",
+                f"http://127.0.0.1:{self.liveness_port}/healthz", "--metrics-port", str(self.metrics_port),
+                "--timer-interval", str(TIMER_S), *extra_args]
+        env = cluster.env() | {"PYTHONPATH": str(REPO)}
+        self.child = cluster.spawn(f"operator-{uuid.uuid4().hex[:4]}", argv, env=env)
+        self.wait_live()
+
+    def wait_live(self, timeout: float = 60) -> None:
+        def live():
+            assert self.child.alive(), f"operator exited:\n{self.child.log_tail()}"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.liveness_port}/healthz", timeout=1):
+                    return True
+            except OSError:
+                return False
+        wait_for(live, timeout, "the operator's liveness endpoint")
+
+    def restart(self, kill: bool = False) -> None:
+        self.child.stop(grace=0.1 if kill else 10)
+        self.child.start()
+        self.wait_live()
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as response:
+            return response.read().decode()
+
+    def stop(self) -> None:
+        self.child.stop()
+
+
+class Runs:
+    """BloomRuns and their children in one test namespace, through the admin API."""
+
+    def __init__(self, cluster, namespace: str):
+        self.cluster, self.namespace = cluster, namespace
+        api = cluster.api()
+        self.custom = client.CustomObjectsApi(api)
+        self.core = client.CoreV1Api(api)
+        self.rbac = client.RbacAuthorizationV1Api(api)
+        self.nodes: list[str] = []
+
+    # ------------------------------------------------------------------- nodes
+
+    def add_nodes(self, count: int, pool: str = "a100-80gb") -> list[str]:
+        names = [f"e2e-{uuid.uuid4().hex[:8]}" for _ in range(count)]
+        for name in names:
+            self.cluster.add_node(name, pool)
+        self.nodes += names
+        return names
+
+    def cleanup(self) -> None:
+        for name in self.nodes:
+            try:
+                self.core.delete_node(name)
+            except client.ApiException:
+                pass
+
+    # -------------------------------------------------------------------- runs
+
+    def manifest(self, name: str, nodes: list[str], min_nodes: int, max_nodes: int, **spec) -> dict:
+        body = copy.deepcopy(BASE_SPEC) | {"nodes": {"min": min_nodes, "max": max_nodes}}
+        body["pool"] = {
+            "nodeSelector": {"bloomrun.io/pool": "a100-80gb"},
+            # Only this test's nodes: the pools are shared with the rest of the suite.
+            "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [{"matchExpressions": [
+                    {"key": "kubernetes.io/hostname", "operator": "In", "values": nodes}]}]}}},
+        }
+        body.update(spec)
+        return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "BloomRun",
+                "metadata": {"name": name, "namespace": self.namespace}, "spec": body}
+
+    def create(self, manifest: dict) -> dict:
+        return self.custom.create_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, manifest,
+                                                           field_validation="Strict")
+
+    def get(self, name: str) -> dict:
+        return self.custom.get_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name)
+
+    def patch_spec(self, name: str, spec: dict) -> None:
+        self.custom.patch_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name, {"spec": spec})
+
+    def delete(self, name: str) -> None:
+        self.custom.delete_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name,
+                                                    propagation_policy="Foreground")
+
+    def status(self, name: str) -> dict:
+        return self.get(name).get("status") or {}
+
+    def wait_status(self, name: str, predicate, timeout: float = 30, what: str = "a status") -> dict:
+        return wait_for(lambda: (lambda s: s if predicate(s) else None)(self.status(name)), timeout,
+                        f"{self.namespace}/{name}: {what}; status={{...}}")
+
+    def wait_phase(self, name: str, phase: str, timeout: float = 30) -> dict:
+        try:
+            return self.wait_status(name, lambda s: s.get("phase") == phase, timeout, f"phase {phase}")
+        except AssertionError as err:
+            raise AssertionError(f"{err}\nstatus: {self.status(name)}") from None
+
+    # -------------------------------------------------------------------- pods
+
+    def pods(self, name: str) -> list[client.V1Pod]:
+        return self.core.list_namespaced_pod(self.namespace, label_selector=f"bloomrun.io/run={name}").items
+
+    def live_pods(self, name: str) -> list[client.V1Pod]:
+        return [p for p in self.pods(name) if p.metadata.deletion_timestamp is None
+                and p.status.phase in ("Pending", "Running")]
+
+    def running_pods(self, name: str) -> list[client.V1Pod]:
+        return [p for p in self.live_pods(name) if p.status.phase == "Running"]
+
+    def wait_running_pods(self, name: str, count: int, timeout: float = 30) -> list[client.V1Pod]:
+        return wait_for(lambda: (lambda pods: pods if len(pods) == count else None)(self.running_pods(name)),
+                        timeout, f"{count} running workers of {name}")
+
+    def events(self, name: str) -> list[client.CoreV1Event]:
+        return [e for e in self.core.list_namespaced_event(self.namespace).items
+                if e.involved_object.name == name and e.involved_object.kind == "BloomRun"]

@@ -1,0 +1,267 @@
+"""The operator on the real control plane: scheduling onto A100 pools, failures, elasticity,
+suspend, deletion, operator restarts, progress from the trainer's own identity.
+
+Worker pods are run by kwok (no containers): tests end them with the cluster's fault levers
+the way a kubelet would report it. The operator is a real subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+import urllib.error
+import urllib.request
+
+import pytest
+import yaml
+
+from bloomrun.operator.spec import GROUP, PLURAL, VERSION
+from bloomrun.trainer.progress import ProgressReporter
+
+from .e2e import REPO, Operator, Runs, wait_for
+
+pytestmark = [pytest.mark.cluster]
+
+
+@pytest.fixture(scope="module")
+def crd(cluster):
+    for name in ("bloomrun.io_bloomruns.yaml", "kopf.dev_peerings.yaml"):
+        cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds" / name))
+    cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s",
+                    "crd/bloomruns.bloomrun.io", "crd/clusterkopfpeerings.kopf.dev")
+
+
+@pytest.fixture(scope="module")
+def operator(cluster, crd):
+    op = Operator(cluster, "--standalone")
+    yield op
+    op.stop()
+
+
+@pytest.fixture
+def runs(cluster, crd):
+    namespace = cluster.new_namespace("br", pod_security="restricted")
+    handle = Runs(cluster, namespace)
+    yield handle
+    handle.cleanup()
+    cluster.kubectl("delete", "namespace", namespace, "--wait=false")
+
+
+def test_a_run_is_scheduled_onto_the_a100_80gb_pool_and_reports_running(runs, operator, cluster):
+    nodes = runs.add_nodes(2)
+    runs.create(runs.manifest("ablation", nodes, 2, 2))
+    status = runs.wait_phase("ablation", "Running")
+    assert status["nodes"] == {"desired": 2, "ready": 2, "display": "2/2"}
+    pods = runs.running_pods("ablation")
+    assert sorted(p.spec.node_name for p in pods) == sorted(nodes)
+    for pod in pods:
+        container = pod.spec.containers[0]
+        assert container.resources.limits["nvidia.com/gpu"] == "8"
+        assert f"--rdzv-id={runs.get('ablation')['metadata']['uid']}" in container.command
+        assert pod.metadata.owner_references[0].kind == "BloomRun"
+    conditions = {c["type"]: c for c in status["conditions"]}
+    assert conditions["Running"]["status"] == "True" and conditions["Scheduled"]["status"] == "True"
+    assert conditions["Running"]["observedGeneration"] == 1
+    # Children: headless Service, resolved config, trainer RBAC.
+    service = runs.core.read_namespaced_service("ablation", runs.namespace)
+    assert service.spec.cluster_ip == "None"
+    config = yaml.safe_load(runs.core.read_namespaced_config_map("ablation-config", runs.namespace).data["config.yaml"])
+    assert config["checkpoint"]["dir"] == "/checkpoints"
+    assert {e.reason for e in runs.events("ablation")} >= {"Running"}
+    # Printer columns.
+    table = cluster.kubectl("get", "br", "-n", runs.namespace).stdout
+    assert table.split()[:8] == ["NAME", "PHASE", "NODES", "STEP", "LOSS", "TOKENS/S", "RESTARTS", "AGE"]
+    assert "ablation" in table and "Running" in table and "2/2" in table
+
+
+def test_a_retryable_failure_is_replaced_and_counted_once(runs, operator, cluster):
+    nodes = runs.add_nodes(2)
+    runs.create(runs.manifest("retry", nodes, 2, 2))
+    runs.wait_phase("retry", "Running")
+    victim = runs.core.read_namespaced_pod("retry-worker-1", runs.namespace)
+    cluster.fail_pod(runs.namespace, "retry-worker-1", exit_code=137)
+    wait_for(lambda: any(p.metadata.name == "retry-worker-1" and p.metadata.uid != victim.metadata.uid
+                         for p in runs.running_pods("retry")), 30, "the replacement worker")
+    status = runs.wait_phase("retry", "Running")
+    assert status["restarts"] == 1 and status["restartsByReason"] == {"RetryableExitCode": 1}
+    assert status["lastFailure"]["exitCode"] == 137
+    assert len(runs.live_pods("retry")) == 2
+    assert "WorkerFailed" in {e.reason for e in runs.events("retry")}
+    assert 'bloomrun_operator_restarts_total{namespace="%s",reason="RetryableExitCode",run="retry"} 1.0' % (
+        runs.namespace) in operator.metrics()
+
+
+def test_a_permanent_exit_code_fails_the_run(runs, operator, cluster):
+    nodes = runs.add_nodes(2)
+    runs.create(runs.manifest("permanent", nodes, 2, 2))
+    runs.wait_phase("permanent", "Running")
+    cluster.fail_pod(runs.namespace, "permanent-worker-0", exit_code=2)
+    status = runs.wait_phase("permanent", "Failed")
+    assert "exit code 2" in status["message"] and status["restarts"] == 0
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "PermanentExitCode"
+    wait_for(lambda: not runs.live_pods("permanent"), 30, "the other workers to be stopped")
+
+
+def test_max_restarts_exhausted_fails_the_run(runs, operator, cluster):
+    nodes = runs.add_nodes(1)
+    runs.create(runs.manifest("flaky", nodes, 1, 1, restartPolicy={"maxRestarts": 1, "backoffSeconds": 0}))
+    for attempt in range(2):
+        pod = runs.wait_running_pods("flaky", 1)[0]
+        cluster.fail_pod(runs.namespace, pod.metadata.name, reason="OOMKilled")
+        if attempt == 0:
+            wait_for(lambda: runs.status("flaky").get("restarts") == 1, 30, "the first restart")
+    status = runs.wait_phase("flaky", "Failed")
+    assert status["restarts"] == 2 and status["restartsByReason"] == {"OOMKilled": 2}
+    assert next(c for c in status["conditions"] if c["type"] == "Failed")["reason"] == "RestartLimitExceeded"
+
+
+def test_too_few_gpus_waits_in_pending_with_the_schedulers_reason(runs, operator):
+    nodes = runs.add_nodes(1)
+    runs.create(runs.manifest("starved", nodes, 2, 2))
+    status = runs.wait_status("starved", lambda s: "scheduler" in s.get("message", ""), 30, "a scheduler reason")
+    assert status["phase"] == "Pending"
+    assert "Insufficient nvidia.com/gpu" in status["message"] or "didn't match" in status["message"]
+    scheduled = next(c for c in status["conditions"] if c["type"] == "Scheduled")
+    assert scheduled["status"] == "False" and scheduled["reason"] == "Unschedulable"
+
+
+def test_losing_a_node_keeps_the_run_at_min_and_it_scales_back_up(runs, operator, cluster):
+    nodes = runs.add_nodes(3)
+    spare = f"{nodes[0]}-spare"
+    runs.create(runs.manifest("elastic", nodes + [spare], 2, 3))
+    runs.wait_phase("elastic", "Running")
+    runs.wait_running_pods("elastic", 3)
+    lost = next(p for p in runs.running_pods("elastic") if p.spec.node_name == nodes[2])
+    cluster.delete_node(nodes[2])
+    status = runs.wait_status("elastic", lambda s: s.get("restartsByReason", {}).get("NodeLost") == 1, 30,
+                              "the node loss to be counted")
+    status = runs.wait_status("elastic", lambda s: s.get("nodes", {}).get("ready") == 2, 30, "2 of 3 running")
+    assert status["phase"] == "Running"
+    replacement = wait_for(lambda: next((p for p in runs.pods("elastic") if p.metadata.name == lost.metadata.name
+                                         and p.metadata.uid != lost.metadata.uid), None), 30, "a replacement pod")
+    assert replacement.status.phase == "Pending"
+    cluster.add_node(spare, "a100-80gb")
+    runs.nodes.append(spare)
+    runs.wait_running_pods("elastic", 3)
+    status = runs.wait_status("elastic", lambda s: s.get("nodes", {}).get("ready") == 3, 30, "3 of 3 running")
+    assert status["restarts"] == 1
+
+
+def test_suspend_deletes_the_workers_and_resume_recreates_them(runs, operator):
+    nodes = runs.add_nodes(2)
+    runs.create(runs.manifest("pausable", nodes, 2, 2))
+    runs.wait_phase("pausable", "Running")
+    runs.patch_spec("pausable", {"suspend": True})
+    runs.wait_phase("pausable", "Suspended")
+    wait_for(lambda: not runs.live_pods("pausable"), 30, "the workers to go")
+    runs.patch_spec("pausable", {"suspend": False})
+    runs.wait_phase("pausable", "Running")
+    assert len(runs.running_pods("pausable")) == 2 and runs.status("pausable")["restarts"] == 0
+
+
+def test_deleting_the_run_removes_every_child(runs, operator):
+    nodes = runs.add_nodes(1)
+    runs.create(runs.manifest("doomed", nodes, 1, 1))
+    runs.wait_phase("doomed", "Running")
+    runs.delete("doomed")
+
+    def children_gone():
+        core, rbac, ns = runs.core, runs.rbac, runs.namespace
+        left = [*core.list_namespaced_pod(ns, label_selector="bloomrun.io/run=doomed").items,
+                *core.list_namespaced_service(ns, label_selector="bloomrun.io/run=doomed").items,
+                *core.list_namespaced_config_map(ns, label_selector="bloomrun.io/run=doomed").items,
+                *core.list_namespaced_service_account(ns, label_selector="bloomrun.io/run=doomed").items,
+                *rbac.list_namespaced_role(ns, label_selector="bloomrun.io/run=doomed").items,
+                *rbac.list_namespaced_role_binding(ns, label_selector="bloomrun.io/run=doomed").items]
+        return not left
+    wait_for(children_gone, 60, "the garbage collector to remove the children")
+
+
+def test_a_finished_training_succeeds(runs, operator, cluster):
+    nodes = runs.add_nodes(1)
+    runs.create(runs.manifest("done", nodes, 1, 1))
+    runs.wait_phase("done", "Running")
+    cluster.succeed_pod(runs.namespace, "done-worker-0")
+    status = runs.wait_phase("done", "Succeeded")
+    assert status["completionTime"] and status["restarts"] == 0
+    assert not runs.live_pods("done")
+
+
+def test_the_gpu_hour_budget_stops_the_run_cleanly(runs, operator):
+    nodes = runs.add_nodes(1)
+    # 8 GPUs x 2.7 s = 0.006 GPU-hours.
+    runs.create(runs.manifest("budgeted", nodes, 1, 1, budget={"gpuHours": 0.006}))
+    status = runs.wait_phase("budgeted", "Succeeded", timeout=45)
+    assert status["restarts"] == 0 and status["gpuHours"]["used"] >= 0.006
+    assert next(c for c in status["conditions"] if c["type"] == "Succeeded")["reason"] == "GPUHourBudgetSpent"
+    assert "GPUHourBudgetSpent" in {e.reason for e in runs.events("budgeted")}
+
+
+def test_operator_restarts_and_a_rival_replica_make_no_duplicates(runs, operator, cluster):
+    nodes = runs.add_nodes(4)
+    runs.create(runs.manifest("steady", nodes, 4, 4))
+    operator.restart(kill=True)  # SIGKILL in the middle of creating the workers
+    rival = Operator(cluster, "--standalone")  # two active replicas: the worst case peering prevents
+    try:
+        runs.wait_phase("steady", "Running")
+        victim = runs.running_pods("steady")[0].metadata.name
+        cluster.fail_pod(runs.namespace, victim, exit_code=143)
+        wait_for(lambda: runs.status("steady").get("restarts", 0) >= 1, 30, "the restart to be counted")
+        runs.wait_running_pods("steady", 4)
+    finally:
+        rival.stop()
+    names = [p.metadata.name for p in runs.pods("steady")]
+    assert sorted(names) == [f"steady-worker-{i}" for i in range(4)]
+    assert runs.status("steady")["restarts"] == 1  # counted once by two operators
+
+
+def test_the_trainer_reports_progress_with_its_own_identity_only(runs, operator, cluster, tmp_path):
+    nodes = runs.add_nodes(1)
+    runs.create(runs.manifest("reporter", nodes, 1, 1))
+    runs.create(runs.manifest("neighbour", nodes, 1, 1, gpusPerNode=0))
+    runs.wait_phase("reporter", "Running")
+    kubeconfig = yaml.safe_load(open(cluster.token_kubeconfig(runs.namespace, "reporter-trainer")))
+    token = tmp_path / "token"
+    token.write_text(kubeconfig["users"][0]["user"]["token"])
+    env = {"BLOOMRUN_RUN_NAME": "reporter", "BLOOMRUN_RUN_NAMESPACE": runs.namespace,
+           "BLOOMRUN_API_URL": cluster.server, "BLOOMRUN_TOKEN_FILE": str(token),
+           "BLOOMRUN_CA_FILE": str(cluster.layout.pki.ca)}
+    reporter = ProgressReporter.from_env(env)
+    reporter.report(120, 1000, 7_864_320, 3.5, 51234.0, checkpoint_step=100,
+                    checkpoint_time="2026-11-26T12:00:00Z", force=True)
+    reporter.close()
+    assert reporter.sent == 1
+    progress = runs.status("reporter")["progress"]
+    assert progress["step"] == 120 and progress["loss"] == 3.5 and progress["checkpointStep"] == 100
+    table = cluster.kubectl("get", "br", "reporter", "-n", runs.namespace).stdout
+    assert "120" in table and "3.5" in table and "51234" in table
+    # The operator's own status writes leave the trainer's progress alone.
+    runs.patch_spec("reporter", {"restartPolicy": {"maxRestarts": 6}})
+    wait_for(lambda: runs.status("reporter").get("observedGeneration") == 2, 30, "a reconcile of generation 2")
+    assert runs.status("reporter")["progress"]["step"] == 120
+    # The same token may not touch another run, nor the run's spec.
+    for path in (f"/apis/{GROUP}/{VERSION}/namespaces/{runs.namespace}/{PLURAL}/neighbour/status",
+                 f"/apis/{GROUP}/{VERSION}/namespaces/{runs.namespace}/{PLURAL}/reporter"):
+        request = urllib.request.Request(cluster.server + path, method="PATCH",
+                                         data=json.dumps({"status": {"progress": {"step": 1}}}).encode(),
+                                         headers={"Content-Type": "application/merge-patch+json",
+                                                  "Authorization": f"Bearer {token.read_text()}"})
+        context = ssl.create_default_context(cafile=str(cluster.layout.pki.ca))
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(request, context=context)
+        assert err.value.code == 403
+
+
+def test_operator_metrics_are_served(runs, operator):
+    nodes = runs.add_nodes(1)
+    runs.create(runs.manifest("observed", nodes, 1, 1))
+    runs.wait_phase("observed", "Running")
+    text = wait_for(lambda: (lambda t: t if f'run="observed"' in t else None)(operator.metrics()), 15,
+                    "the run's series")
+    labels = f'namespace="{runs.namespace}",phase="Running",run="observed"'
+    assert f"bloomrun_run_phase{{{labels}}} 1.0" in text
+    assert f'bloomrun_run_nodes_ready{{namespace="{runs.namespace}",run="observed"}} 1.0' in text
+    for name in ("bloomrun_operator_runs", "bloomrun_operator_reconcile_duration_seconds_bucket",
+                 "bloomrun_operator_time_to_running_seconds_count", "bloomrun_run_gpu_hours_used"):
+        assert name in text
