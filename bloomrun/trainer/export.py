@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from bloomrun.trainer.config import ModelConfig
+from bloomrun.trainer.model import Bloom
 
 HF_PREFIX = "transformer."
 HF_LM_HEAD = "lm_head.weight"
@@ -110,24 +111,41 @@ def load_hf_state_dict(model: nn.Module, hf_sd: Mapping[str, torch.Tensor]) -> N
         ours[name.removeprefix(HF_PREFIX)] = tensor
     if HF_LM_HEAD in hf_sd and TIED_EMBEDDING in ours and not torch.equal(hf_sd[HF_LM_HEAD], ours[TIED_EMBEDDING]):
         raise ValueError("lm_head.weight differs from the word embeddings: untied heads are not supported")
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(ours))
-    unexpected = sorted(foreign + [HF_PREFIX + n for n in set(ours) - set(expected)])
-    mismatched = [
-        f"{HF_PREFIX}{n}: {tuple(ours[n].shape)} vs model {tuple(expected[n].shape)}"
-        for n in sorted(set(ours) & set(expected))
-        if ours[n].shape != expected[n].shape
-    ]
-    if missing or unexpected or mismatched:
-        parts = []
-        if missing:
-            parts.append("missing " + ", ".join(HF_PREFIX + n for n in missing))
-        if unexpected:
-            parts.append("unexpected " + ", ".join(unexpected))
-        if mismatched:
-            parts.append("shape mismatch " + ", ".join(mismatched))
-        raise ValueError("HF state dict does not fit this model: " + "; ".join(parts))
+    check_fits(model.state_dict(), ours, "HF state dict does not fit this model", foreign)
     model.load_state_dict(ours, strict=True)
+
+
+def shorten(names: list[str], limit: int = 8) -> str:
+    """The first few names and how many more: a wrong file can miss thousands."""
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def check_fits(
+    expected: Mapping[str, torch.Tensor],
+    given: Mapping[str, torch.Tensor],
+    what: str,
+    foreign: list[str] = (),
+) -> None:
+    """Raise one ValueError listing every missing, unexpected and mis-shaped tensor (HF names)."""
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(list(foreign) + [HF_PREFIX + n for n in set(given) - set(expected)])
+    mismatched = [
+        f"{HF_PREFIX}{n}: {tuple(given[n].shape)} vs model {tuple(expected[n].shape)}"
+        for n in sorted(set(given) & set(expected))
+        if given[n].shape != expected[n].shape
+    ]
+    parts = [
+        f"{label} {shorten(names)}"
+        for label, names in (
+            ("missing", [HF_PREFIX + n for n in missing]),
+            ("unexpected", unexpected),
+            ("shape mismatch", mismatched),
+        )
+        if names
+    ]
+    if parts:
+        raise ValueError(f"{what}: " + "; ".join(parts))
 
 
 def export_hf(
@@ -146,15 +164,16 @@ def export_hf(
         name: tensor.detach().to("cpu").contiguous()
         for name, tensor in hf_state_dict(model_or_state_dict).items()
     }
+    # Names and shapes against the model the config describes (built on the meta device: no
+    # memory), so a checkpoint exported with the wrong config fails here, not in from_pretrained.
+    with torch.device("meta"):
+        expected = Bloom(model_cfg).state_dict()
+    ours = {name.removeprefix(HF_PREFIX): tensor for name, tensor in tensors.items()}
+    check_fits(expected, ours, "weights do not fit the model config")
     dtypes = {t.dtype for t in tensors.values()}
     if len(dtypes) != 1:
         raise ValueError(f"state dict mixes dtypes {sorted(map(str, dtypes))}; cast it to one first")
     config = hf_config(model_cfg, dtype=dtypes.pop(), **token_ids)
-    expected_rows = model_cfg.padded_vocab_size
-    embedding = tensors.get(HF_PREFIX + TIED_EMBEDDING)
-    if embedding is None or embedding.shape[0] != expected_rows:
-        found = None if embedding is None else tuple(embedding.shape)
-        raise ValueError(f"word embeddings {found} do not match the config's padded vocabulary {expected_rows}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # "format: pt" is what transformers checks before it trusts a safetensors file.

@@ -95,10 +95,13 @@ def test_variants_hf_cannot_represent_refuse_to_export(tmp_path, knob, value, me
     assert not (tmp_path / "model.safetensors").exists()
 
 
-def test_export_refuses_weights_of_another_shape(tmp_path):
-    small, other = model_cfg(1, 64, 4, vocab_size=300), model_cfg(1, 64, 4, vocab_size=1000)
-    with pytest.raises(ValueError, match="padded vocabulary 1024"):
-        export_hf(Bloom(small), other, tmp_path)
+def test_export_refuses_weights_that_do_not_fit_the_config(tmp_path):
+    small = model_cfg(1, 64, 4, vocab_size=300)
+    with pytest.raises(ValueError, match=r"shape mismatch transformer\.word_embeddings\.weight: \(384, 64\) vs model \(1024, 64\)"):
+        export_hf(Bloom(small), model_cfg(1, 64, 4, vocab_size=1000), tmp_path)
+    with pytest.raises(ValueError, match=r"missing transformer\.h\.1\.input_layernorm\.bias"):
+        export_hf(Bloom(small), model_cfg(2, 64, 4, vocab_size=300), tmp_path)
+    assert not (tmp_path / "model.safetensors").exists()
 
 
 def test_import_checks_names_shapes_and_the_tied_head():

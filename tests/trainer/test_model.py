@@ -278,3 +278,24 @@ def test_missing_kernel_and_unknown_backend_are_clear_errors(monkeypatch):
         ops.bias_swiglu(torch.randn(2, 4), torch.zeros(4), backend="triton")
     with pytest.raises(ValueError, match="kernels must be one of"):
         ops.bias_gelu(torch.randn(2, 4), torch.zeros(4), backend="cuda")
+
+
+@pytest.mark.parametrize("position, activation", [("alibi", "gelu"), ("rotary", "swiglu")])
+def test_triton_kernels_train_the_same_model_as_torch(position, activation):
+    # The model end to end through bloomrun.kernels (Triton's interpreter on a CPU-only machine,
+    # see tests/conftest.py): same loss, same gradients as the torch ops, in fp32.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cfg = small_cfg(num_layers=1, hidden_size=32, num_heads=2, position=position, activation=activation, init_std=0.2)
+    torch.manual_seed(0)
+    reference = Bloom(cfg).to(device)
+    fused = Bloom(cfg.model_copy(update={"kernels": "triton"})).to(device)
+    fused.load_state_dict(reference.state_dict())
+    ids = random_ids(length=13).to(device)
+    labels = random_ids(length=13, seed=5).to(device)
+    labels[0, :3] = -100
+    losses = [model(ids, labels=labels) for model in (reference, fused)]
+    for loss in losses:
+        loss.backward()
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-5)
+    for (name, p_ref), p_fused in zip(reference.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(p_fused.grad, p_ref.grad, rtol=1e-4, atol=1e-5, msg=name)
