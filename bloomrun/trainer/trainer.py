@@ -9,6 +9,8 @@ Test hooks (environment variables, read once at start; see docs/trainer.md):
                                   NaN loss, as corrupt data would; drives the rollback tests
     BLOOMRUN_TRACE_FILE=PATH      each rank appends one JSON line per step to PATH.rank<R>:
                                   step, sample indices, loss, lr, whether the update applied
+    BLOOMRUN_TEST_HANG_AFTER_STEP=K  every rank sleeps after step K (and its checkpoint), so a
+                                  test can kill the run at a known point
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ log = logging.getLogger("bloomrun.trainer")
 
 POISON_ENV = "BLOOMRUN_POISON_SAMPLES"
 TRACE_ENV = "BLOOMRUN_TRACE_FILE"
+HANG_ENV = "BLOOMRUN_TEST_HANG_AFTER_STEP"
 PORT_FILE_ENV = "BLOOMRUN_METRICS_PORT_FILE"
 
 
@@ -438,6 +441,8 @@ class Trainer:
                 if self.world.rank == 0:
                     log.warning("SIGTERM: checkpoint at step %d saved, stopping", self.state.step)
                 return 0
+            if os.environ.get(HANG_ENV) == str(self.state.step):
+                time.sleep(3600)
         if self.world.rank == 0:
             log.info("training complete: %d steps, %d tokens", self.state.step, self.state.tokens)
         if self.last_checkpoint_step != self.state.step:
