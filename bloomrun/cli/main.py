@@ -49,4 +49,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run through the importable module, so the UserError that subcommands raise (imported
+    # from bloomrun.cli.main) is the class caught above, not a twin defined in __main__.
+    from bloomrun.cli.main import main as _main
+
+    sys.exit(_main())

@@ -213,6 +213,12 @@ class TrainingConfig(Section):
             )
         if self.rampup and self.rampup.start > self.global_batch_size:
             raise ValueError("rampup.start must not exceed globalBatchSize")
+        if self.rampup and (self.global_batch_size - self.rampup.start) % self.rampup.increment:
+            # Megatron's ramp grows in whole increments and must land on the final batch.
+            raise ValueError(
+                f"rampup: globalBatchSize - start ({self.global_batch_size - self.rampup.start}) "
+                f"must be a multiple of increment ({self.rampup.increment})"
+            )
         return self
 
 
