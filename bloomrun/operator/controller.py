@@ -67,7 +67,7 @@ class Controller:
             return
         pods = self.pods_source(namespace, name) if self.pods_source else [
             PodView.from_body(p) for p in self.kube.list_pods(namespace, f"bloomrun.io/run={name}")]
-        nodes = self.nodes_source() if self.nodes_source else None
+        nodes = self._known_nodes(pods)
         plan = planner.plan(run, status, pods, now, known_nodes=nodes)
 
         if plan.infra:
@@ -96,6 +96,20 @@ class Controller:
         self.metrics.observe_run(namespace, name, plan.status, run.spec.budget.gpu_hours)
         if plan.requeue_after is not None:
             self.requeue(namespace, name, plan.requeue_after)
+
+    def _known_nodes(self, pods: list[PodView]) -> set[str] | None:
+        """Node names from the watch-fed index, confirmed by a GET for any pod's node the index
+        lacks: a pod can be bound to a node whose watch event has not arrived yet, and
+        calling that node lost would kill a healthy worker."""
+        if self.nodes_source is None:
+            return None
+        nodes = self.nodes_source()
+        if nodes is None:
+            return None
+        for pod in pods:
+            if pod.node_name and pod.node_name not in nodes and self.kube.node_exists(pod.node_name):
+                nodes = nodes | {pod.node_name}
+        return nodes
 
     def _refuse(self, body: dict, status: BloomRunStatus, message: str, now: datetime) -> None:
         """A stored spec the pydantic checks reject: Failed with the reason, no children."""

@@ -152,6 +152,15 @@ class Kube:
         result = self.request("GET", "/api/v1/nodes")
         return {n["metadata"]["name"] for n in (result or {}).get("items", [])}
 
+    def node_exists(self, name: str) -> bool:
+        try:
+            self.request("GET", f"/api/v1/nodes/{name}")
+            return True
+        except ApiError as err:
+            if err.status == 404:
+                return False
+            raise
+
     def post_event(self, run_body: dict, type_: str, reason: str, message: str) -> None:
         meta = run_body["metadata"]
         now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")

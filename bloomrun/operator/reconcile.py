@@ -66,6 +66,7 @@ class PodView:
     exit_code: int | None = None
     reason: str | None = None  # pod-level (Evicted) or container-level (OOMKilled) reason
     message: str = ""
+    owner_uid: str | None = None
 
     @classmethod
     def from_body(cls, pod: dict) -> "PodView":
@@ -88,6 +89,7 @@ class PodView:
             template_hash=labels.get(desired.HASH_LABEL, ""), phase=status.get("phase", "Pending"),
             deleting=meta.get("deletionTimestamp") is not None, node_name=spec.get("nodeName"),
             unschedulable=unschedulable, exit_code=exit_code, reason=reason, message=message,
+            owner_uid=next((o.get("uid") for o in meta.get("ownerReferences") or [] if o.get("controller")), None),
         )
 
     @property
@@ -169,7 +171,8 @@ def plan(run: desired.Run, status: BloomRunStatus, pods: list[PodView], now: dat
     stamp = rfc3339(now)
     new.observed_generation = run.generation
     new.start_time = new.start_time or stamp
-    pods = [p for p in pods if 0 <= p.index]
+    # A run deleted and created again under the same name must not adopt the old run's pods.
+    pods = [p for p in pods if 0 <= p.index and p.owner_uid in (None, run.uid)]
     desired_count = 0 if spec.suspend else spec.nodes.max
     template = desired.template_hash(run)
 

@@ -198,3 +198,10 @@ def test_an_invalid_spec_fails_the_run_until_it_is_fixed(run):
     assert status.phase == "Failed" and "hiddenSize" in status.message
     result, status = step(run, status, [])
     assert status.phase == "Pending" and len(result.creates) == 3
+
+
+def test_pods_of_an_earlier_run_with_the_same_name_are_not_adopted(run):
+    old = PodView(name="ablation-worker-0", uid="old", index=0, template_hash="x", phase="Failed",
+                  exit_code=1, owner_uid="previous-run-uid")
+    result, status = step(run, BloomRunStatus(), [old])
+    assert status.phase != "Failed" and status.restarts == 0 and not result.deletes
