@@ -131,6 +131,7 @@ class Trainer:
         self._stop_requested = False
         self._poison = parse_poison(os.environ.get(POISON_ENV))
         self._trace = os.environ.get(TRACE_ENV)
+        self._last_progress: tuple[float | None, float | None] = (None, None)  # (loss, tokens/s)
 
         # Throughput arithmetic, then metrics on each node's local rank 0.
         self.flops_per_token = flops_per_token(self.num_parameters, self.shape)
@@ -313,9 +314,9 @@ class Trainer:
                     "n/a" if math.isnan(rates.mfu) else f"{rates.mfu:.1%}", memory / 2**30,
                     "" if result.applied else " | SKIPPED",
                 )
+            self._last_progress = (result.loss if math.isfinite(result.loss) else None, rates.tokens_per_second)
             if self.reporter is not None:
-                self.reporter.report(result.step, self.target_steps, self.state.tokens,
-                                     result.loss if math.isfinite(result.loss) else None, rates.tokens_per_second)
+                self.reporter.report(result.step, self.target_steps, self.state.tokens, *self._last_progress)
 
     # ----------------------------------------------------------- checkpoints
 
@@ -346,7 +347,7 @@ class Trainer:
             self.metrics.checkpoint_step.set(self.state.step)
             self.metrics.checkpoint_time.set(self.last_checkpoint_time)
         if self.reporter is not None:
-            self.reporter.report(self.state.step, self.target_steps, self.state.tokens, None, 0.0,
+            self.reporter.report(self.state.step, self.target_steps, self.state.tokens, *self._last_progress,
                                  checkpoint_step=self.state.step, checkpoint_time=self.last_checkpoint_time,
                                  force=True)
 

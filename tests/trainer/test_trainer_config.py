@@ -1,0 +1,75 @@
+"""The pure parts of the engine set-up: DeepSpeed config, optimizer groups, the step guard."""
+
+import pytest
+import torch
+
+from bloomrun.trainer import parallel
+from bloomrun.trainer.config import TrainerConfig
+from bloomrun.trainer.trainer import parse_poison, run_labels
+
+CPU2 = parallel.World(rank=0, local_rank=0, world_size=2, node_rank=0, device="cpu")
+GPU8 = parallel.World(rank=0, local_rank=0, world_size=8, node_rank=0, device="cuda")
+
+
+def trainer_config(**training):
+    return TrainerConfig.model_validate({
+        "data": {"sources": [{"path": "x"}]},
+        "training": {"globalBatchSize": 64, "microBatchSize": 4, "trainSteps": 10, **training},
+    })
+
+
+def test_batch_is_micro_times_accumulation_times_ranks():
+    ds = parallel.build_deepspeed_config(trainer_config(zeroStage=2), CPU2, 64)
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (64, 4, 8)
+    assert ds["zero_optimization"]["stage"] == 2 and ds["zero_optimization"]["contiguous_gradients"]
+    assert ds["gradient_clipping"] == 1.0
+    with pytest.raises(ValueError, match="not a multiple of microBatchSize"):
+        parallel.build_deepspeed_config(trainer_config(), parallel.World(0, 0, 3, 0, "cpu"), 64)
+
+
+def test_precision_auto_is_bf16_autocast_on_gpu_and_fp32_on_cpu():
+    cfg = trainer_config()
+    assert "torch_autocast" not in parallel.build_deepspeed_config(cfg, CPU2, 64)
+    gpu = parallel.build_deepspeed_config(cfg, GPU8, 64)
+    assert gpu["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
+    assert "bf16" not in gpu, "DeepSpeed's bf16 optimizer wrapper is the slow path (issue 3)"
+    assert parallel.build_deepspeed_config(trainer_config(precision="bf16"), CPU2, 64)["torch_autocast"]["enabled"]
+
+
+def test_no_weight_decay_on_biases_and_layernorms():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    decay, no_decay = parallel.weight_decay_groups(model, 0.1)
+    assert [p.shape for p in decay["params"]] == [torch.Size([4, 4])]
+    assert len(no_decay["params"]) == 3 and no_decay["weight_decay"] == 0.0
+
+
+def guarded(value=1.0):
+    weight = torch.nn.Parameter(torch.full((3,), value))
+    return weight, parallel.GuardedAdamW([weight], lr=0.1, foreach=True)
+
+
+def test_guard_skips_a_non_finite_gradient_and_leaves_state_untouched():
+    weight, opt = guarded()
+    weight.grad = torch.tensor([1.0, float("inf"), 1.0])
+    opt.step()
+    assert not opt.applied and weight.eq(1.0).all() and not opt.state
+    weight.grad = torch.ones(3)
+    opt.step()
+    assert opt.applied and weight.lt(1.0).all() and int(opt.state[weight]["step"]) == 1
+
+
+def test_guard_skips_when_the_loss_was_non_finite_even_with_finite_gradients():
+    weight, opt = guarded()
+    weight.grad = torch.ones(3)
+    opt.bad_loss = torch.tensor(True)
+    opt.step()
+    assert not opt.applied and weight.eq(1.0).all()
+
+
+def test_test_hooks_and_labels():
+    assert parse_poison("16:25") == (16, 25) and parse_poison(None) is None
+    with pytest.raises(ValueError, match="START:END"):
+        parse_poison("16")
+    assert run_labels({}) == ("local", "local")
+    assert run_labels({"BLOOMRUN_RUN_NAMESPACE": "team", "BLOOMRUN_RUN_NAME": "r1"}) == ("team", "r1")
+    assert run_labels({"BLOOMRUN_NAMESPACE": "team", "BLOOMRUN_RUN": "r2"}) == ("team", "r2")
