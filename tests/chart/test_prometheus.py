@@ -1,0 +1,166 @@
+"""A real Prometheus scrapes a real CPU training run and the real operator reconciling a
+BloomRun on the test cluster, with the chart's alert rules loaded: every dashboard query and
+every alert's inputs return data, and alerts provoked on purpose fire."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+from kubernetes import client
+
+from tests.chart.helm import DASHBOARD_SOURCE, REPO, rendered_rules
+from tests.chart.operator_process import apply_run, chart_release, probe_run, running_operator, wait_for_phase
+from tests.cluster.processes import Child, free_port, wait_until
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+
+TRAINED_RUN = "prom-trainer"  # the local training run (namespace "local")
+CLUSTER_RUN = "prom-operator"  # the BloomRun the operator reconciles on the test cluster
+# Thresholds that make three alerts fire within seconds on healthy data: the run's MFU is
+# far below 1e6, its budget of 1 GPU-hour is more than 0.001 spent after ~0.5 s on 8 GPUs,
+# and a poisoned data range gives the trainer a non-finite loss it must skip.
+PROVOKING_THRESHOLDS = {"mfuMinRatio": 1000000, "mfuFor": "2s", "budgetUsedRatio": 0.001}
+PROVOKED = {"BloomRunLowMFU": TRAINED_RUN, "BloomRunLossNonFinite": TRAINED_RUN,
+            "BloomRunBudgetNearlySpent": CLUSTER_RUN}
+METRIC = re.compile(r"\bbloomrun_[a-z0-9_]+\b")
+
+
+def trainer_config(folder: Path, metrics_port: int) -> dict:
+    data = REPO / "examples" / "data"
+    return {
+        "model": {"preset": "tiny", "kernels": "torch"},
+        "data": {"tokenizer": str(data / "tokenizer.json"), "sources": [
+            {"name": "stories", "path": str(data / "stories_text_document"), "weight": 0.6},
+            {"name": "arithmetic", "path": str(data / "arithmetic_text_document"), "weight": 0.4}]},
+        "optim": {"lr": 3.0e-3, "minLr": 3.0e-4, "warmupTokens": 5120},
+        "training": {"globalBatchSize": 8, "microBatchSize": 8, "trainSteps": 100000,
+                     "zeroStage": 0, "precision": "fp32"},
+        # Saved by steps and by time, so the checkpoint-age series (interval > 0) exist.
+        "checkpoint": {"dir": str(folder / "checkpoints"), "everySteps": 5, "everyMinutes": 0.1, "keepLast": 1},
+        "metrics": {"port": metrics_port},
+    }
+
+
+def start_trainer(folder: Path, metrics_port: int) -> Child:
+    config = folder / "trainer.yaml"
+    config.write_text(yaml.safe_dump(trainer_config(folder, metrics_port)))
+    port_file = folder / "metrics.port"
+    env = {**os.environ, "BLOOMRUN_RUN_NAME": TRAINED_RUN, "BLOOMRUN_METRICS_PORT_FILE": str(port_file),
+           # A CPU has no datasheet peak; name one so MFU is a number, not NaN.
+           "BLOOMRUN_PEAK_TFLOPS": "0.01",
+           # Step 11's batch (samples 80..87) gets a NaN loss, as corrupt data would; by
+           # then Prometheus has scraped the skipped-steps counter at 0.
+           "BLOOMRUN_POISON_SAMPLES": "80:88"}
+    child = Child("trainer", [sys.executable, "-m", "bloomrun.trainer.train", "--config", str(config)],
+                  folder / "trainer.log", env=env).start()
+
+    def serving() -> bool:
+        if not child.alive():
+            raise RuntimeError(f"trainer exited:\n{child.log_tail()}")
+        return port_file.exists()
+    wait_until(serving, 120, "the trainer's metrics endpoint", 0.5)
+    return child
+
+
+@pytest.fixture(scope="module")
+def team_namespace(cluster):
+    return cluster.new_namespace("prom-team")
+
+
+@pytest.fixture(scope="module")
+def stack(cluster, tmp_path_factory, team_namespace):
+    folder = tmp_path_factory.mktemp("prometheus-stack")
+    team = team_namespace
+    trainer_port, operator_port = free_port(), free_port()
+    # Prometheus first, so it sees every series from its first value on (the skipped-steps
+    # counter going from 0 to 1, say).
+    rules = folder / "bloomrun-alerts.yaml"
+    rules.write_text(yaml.safe_dump(rendered_rules({"alerts": PROVOKING_THRESHOLDS})))
+    prometheus = cluster.start_prometheus([
+        {"job_name": "trainer", "honor_labels": True,
+         "static_configs": [{"targets": [f"127.0.0.1:{trainer_port}"]}]},
+        {"job_name": "operator", "honor_labels": True,
+         "static_configs": [{"targets": [f"127.0.0.1:{operator_port}"]}]},
+    ], rule_files=[str(rules)])
+    trainer = start_trainer(folder, trainer_port)
+    try:
+        with chart_release(cluster, {"watchNamespaces": [team]}) as release, \
+                running_operator(cluster, release, folder, metrics_port=operator_port):
+            manifest = probe_run(CLUSTER_RUN, gpu_hours_budget=1)
+            manifest["spec"]["restartPolicy"] = {"backoffSeconds": 0}
+            apply_run(cluster, team, manifest)
+            wait_for_phase(cluster, team, CLUSTER_RUN, "Running")
+            # One worker failure, so restarts by reason have a series.
+            core = client.CoreV1Api(cluster.api())
+            pod = core.list_namespaced_pod(team, label_selector=f"bloomrun.io/run={CLUSTER_RUN}").items[0]
+            cluster.fail_pod(team, pod.metadata.name, reason="OOMKilled")
+            try:
+                yield prometheus
+            finally:
+                cluster.kubectl("delete", "bloomrun", CLUSTER_RUN, "-n", team, "--wait=false")
+    finally:
+        trainer.stop()
+        prometheus.stop()
+
+
+def dashboard_queries() -> list[tuple[str, str]]:
+    board = json.loads(DASHBOARD_SOURCE.read_text())
+    return [(panel["title"], target["expr"]) for panel in board["panels"] for target in panel["targets"]]
+
+
+def with_all_selected(query: str) -> str:
+    """A panel query as Grafana sends it with "All" chosen for every variable."""
+    return query.replace("$namespace", ".*").replace("$run", ".*")
+
+
+@pytest.mark.parametrize(("title", "query"), dashboard_queries())
+def test_every_dashboard_query_returns_data(stack, title, query):
+    result = stack.wait_for(with_all_selected(query), timeout=90)
+    assert result, title
+
+
+def test_template_variables_list_the_trained_and_the_reconciled_run(stack, team_namespace):
+    board = json.loads(DASHBOARD_SOURCE.read_text())
+    expected = {"namespace": {"local", team_namespace}, "run": {TRAINED_RUN, CLUSTER_RUN}}
+    for var in board["templating"]["list"]:
+        if var["type"] != "query":
+            continue
+        selector, label = re.fullmatch(r"label_values\((.*), (\w+)\)", var["definition"]).groups()
+
+        def listed(selector=selector, label=label):
+            return {s["metric"].get(label) for s in stack.query(with_all_selected(selector))}
+        wait_until(lambda: listed() >= expected[var["name"]], 60, f"${var['name']} lists {expected[var['name']]}")
+
+
+def test_every_alert_rule_evaluates_cleanly_on_series_that_exist(stack):
+    groups = rendered_rules({"alerts": PROVOKING_THRESHOLDS})["groups"]
+    for group in groups:
+        for rule in group["rules"]:
+            for metric in set(METRIC.findall(rule["expr"])):
+                assert stack.wait_for(f'{{__name__="{metric}"}}', timeout=90), (rule["alert"], metric)
+
+    def all_evaluated():
+        with urllib.request.urlopen(f"{stack.url}/api/v1/rules", timeout=10) as response:
+            loaded = [r for g in json.load(response)["data"]["groups"] for r in g["rules"]]
+        return loaded if loaded and all(r.get("lastEvaluation", "").startswith("2") and
+                                        not r["lastEvaluation"].startswith("0001") for r in loaded) else None
+    loaded = wait_until(all_evaluated, 30, "every rule evaluated once")
+    assert {r["name"] for r in loaded} == {r["alert"] for g in groups for r in g["rules"]}
+    for rule in loaded:
+        assert rule["health"] == "ok" and not rule.get("lastError"), rule
+
+
+@pytest.mark.parametrize(("alert", "run"), PROVOKED.items())
+def test_provoked_alert_fires(stack, alert, run):
+    def firing():
+        return [a for a in stack.alerts()
+                if a["labels"]["alertname"] == alert and a["labels"].get("run") == run and a["state"] == "firing"]
+    fired = wait_until(firing, 90, f"{alert} firing for {run}", 1.0)
+    assert fired[0]["labels"]["namespace"]
