@@ -30,8 +30,9 @@ ENV DEBIAN_FRONTEND=noninteractive
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3.12 g++ \
  && rm -rf /var/lib/apt/lists/* \
- && groupadd --gid 10001 bloomrun \
- && useradd --uid 10001 --gid 10001 --create-home --shell /usr/sbin/nologin bloomrun
+ && (userdel --remove ubuntu 2>/dev/null || true) \
+ && groupadd --gid 1000 bloomrun \
+ && useradd --uid 1000 --gid 1000 --create-home --shell /usr/sbin/nologin bloomrun
 COPY --from=build /opt/venv /opt/venv
 # Caches go where a read-only root filesystem still lets them be written (an emptyDir).
 ENV PATH=/opt/venv/bin:$PATH \
@@ -40,6 +41,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     TRITON_CACHE_DIR=/tmp/triton \
     TORCH_EXTENSIONS_DIR=/tmp/torch_extensions
 WORKDIR /home/bloomrun
-USER 10001:10001
+# The UID the operator's worker Pods run as (bloomrun/operator/desired.py RUN_AS_USER); the
+# Ubuntu base's own uid-1000 user is removed above to make room for it.
+USER 1000:1000
 EXPOSE 9400 29400
 ENTRYPOINT ["python", "-m", "bloomrun.trainer.train"]

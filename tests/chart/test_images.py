@@ -70,3 +70,17 @@ def test_packages_come_from_the_requirements_ci_installs(name, requirements):
             )
     install_script = (REPO / "scripts" / "install_venv.sh").read_text()
     assert f"requirements/{requirements}" in install_script, "CI must install the same file"
+
+
+def final_user(name: str) -> int:
+    pairs = instructions(REPO / name)
+    return int([args for word, args in pairs if word == "USER"][-1].split(":")[0])
+
+
+def test_image_users_match_the_uids_their_pods_run_as():
+    from bloomrun.operator.desired import RUN_AS_USER
+    from tests.chart.helm import only, render
+
+    assert final_user("Dockerfile") == RUN_AS_USER  # worker Pods (desired.py) own its home
+    pod = only(render(), "Deployment")["spec"]["template"]["spec"]
+    assert final_user("Dockerfile.operator") == pod["securityContext"]["runAsUser"]
