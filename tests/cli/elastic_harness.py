@@ -77,6 +77,13 @@ class Started:
         steps = self.steps()
         return steps[-1][0] if steps else -1
 
+    def steps_since_last_start(self) -> list[int]:
+        """Steps logged by the newest worker group (after its 'resumed from' line)."""
+        text = self.text()
+        starts = list(RESUMED_LINE.finditer(text))
+        tail = text[starts[-1].end():] if starts else text
+        return [int(m[1]) for m in STEP_LINE.finditer(tail)]
+
     def resumed_steps(self) -> list[int]:
         return [int(m[1]) for m in RESUMED_LINE.finditer(self.text())]
 
@@ -116,7 +123,9 @@ def trainer_workers(root_pid: int) -> list[psutil.Process]:
     workers = []
     for process in descendants:
         try:
-            if TRAINER_MODULE in " ".join(process.cmdline()):
+            command = " ".join(process.cmdline())
+            # torchrun's own command line names the trainer module too
+            if TRAINER_MODULE in command and "torch.distributed.run" not in command:
                 workers.append(process)
         except psutil.NoSuchProcess:
             continue
@@ -154,3 +163,37 @@ def processes_mentioning(text: str) -> list[psutil.Process]:
         except psutil.NoSuchProcess:
             continue
     return found
+
+
+def newest_checkpoint_step(checkpoint_dir: Path) -> int:
+    from bloomrun.trainer import checkpoint as ckpt
+
+    found = ckpt.newest_complete(checkpoint_dir)
+    return found[1]["step"] if found else -1
+
+
+def complete_checkpoint_steps(checkpoint_dir: Path) -> set[int]:
+    from bloomrun.trainer import checkpoint as ckpt
+
+    return {step for step, path in ckpt.list_checkpoints(checkpoint_dir) if (path / ckpt.METADATA).is_file()}
+
+
+LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \[rank \d+\]", re.M)
+
+
+def trainer_events(*runs: Started) -> list[tuple[str, str, int]]:
+    """(time, kind, value) from the trainer log lines of several launchers, in time order:
+    kind 'world' (ranks at a start), 'resumed' (step), 'step' (step). Rank 0 logs, and
+    which launcher holds rank 0 can change between restarts, so all logs are merged."""
+    events = []
+    for run in runs:
+        for line in run.text().splitlines():
+            stamp = LOG_TIME.match(line)
+            if not stamp:
+                continue
+            for kind, pattern in (("world", WORLD_LINE), ("resumed", RESUMED_LINE), ("step", STEP_LINE)):
+                found = pattern.search(line)
+                if found:
+                    events.append((stamp[1], kind, int(found[1])))
+                    break
+    return sorted(events)

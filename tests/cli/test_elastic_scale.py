@@ -1,0 +1,150 @@
+"""Elastic scale-down and scale-up with two torchrun agents (two "nodes" on this machine,
+one worker each, --nnodes=1:2, one rendezvous endpoint). Losing a node leaves the other
+training alone from the newest checkpoint; the node coming back joins the running group.
+
+Issue 2 saw a node joining a running group deadlock with torchrun's defaults (restarted
+workers read dead peers' addresses from the shared store, pytorch#135712) and a scale-down
+take 46 s; the launcher's settings fix both (bloomrun/cli/launch.py)."""
+
+import json
+import os
+import signal
+import sys
+import time
+import uuid
+
+import pytest
+
+from bloomrun.cli import launch
+from bloomrun.cli.run import free_ports
+from bloomrun.operator.spec import load_manifest
+from tests.cli.elastic_harness import (
+    Started,
+    complete_checkpoint_steps,
+    newest_checkpoint_step,
+    tiny_manifest,
+    trainer_events,
+    wait_until,
+)
+
+EVERY = 10
+STEPS = 100_000  # never reached: the test stops both nodes once it has seen a rejoin
+
+
+def write_config(tmp_path):
+    config = load_manifest(tiny_manifest(tmp_path, steps=STEPS, every=EVERY)).spec.trainer_config()
+    resolved = launch.resolve_trainer_config(
+        config, manifest_dir=tmp_path, checkpoint_dir=tmp_path / "checkpoints", metrics_port=0
+    )
+    path = tmp_path / "config.yaml"
+    path.write_text(json.dumps(resolved.model_dump(mode="json", by_alias=True)))  # JSON is YAML
+    return path
+
+
+class Cluster:
+    """Two agents on one rendezvous endpoint; node A hosts the rendezvous store."""
+
+    def __init__(self, tmp_path):
+        self.tmp = tmp_path
+        self.config = write_config(tmp_path)
+        self.endpoint = f"127.0.0.1:{free_ports(1)[0]}"
+        self.run_id = f"scale-{uuid.uuid4().hex[:8]}"
+        self.started: list[Started] = []
+
+    def agent(self, name: str, is_host: bool) -> Started:
+        cache = launch.cache_dir(os.environ)
+        command = launch.build_torchrun_command(
+            self.config,
+            nproc=1,
+            rendezvous=launch.Rendezvous(self.endpoint, self.run_id, nnodes="1:2", is_host=is_host),
+            max_restarts=3,
+            log_dir=cache / "torchrun",
+            python=sys.executable,
+        )
+        # Two agents share the 2 cores: one thread per worker.
+        env = launch.build_worker_env(os.environ, cache=cache, nproc=1, num_cpus=1, run_name="scale")
+        started = Started(command, self.tmp / f"{name}.log", env)
+        self.started.append(started)
+        return started
+
+    def events(self):
+        return trainer_events(*self.started)
+
+    def last(self, kind: str):
+        values = [value for _, k, value in self.events() if k == kind]
+        return values[-1] if values else None
+
+    def starts(self) -> list[tuple[int, int]]:
+        """(world size, resumed step or 0) of each worker-group start, in order."""
+        result, world = [], None
+        for _, kind, value in self.events():
+            if kind == "world":
+                world = value
+                result.append((world, 0))
+            elif kind == "resumed" and result:
+                result[-1] = (world, value)
+        return result
+
+    def steps_after_start(self, index: int) -> list[int]:
+        seen, steps = -1, []
+        for _, kind, value in self.events():
+            if kind == "world":
+                seen += 1
+            elif kind == "step" and seen == index:
+                steps.append(value)
+        return steps
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_node_lost_leaves_the_other_training_and_a_node_returning_rejoins(tmp_path):
+    cluster = Cluster(tmp_path)
+    checkpoints = tmp_path / "checkpoints"
+    timings = {}
+    try:
+        node_a = cluster.agent("a", is_host=True)
+        node_b = cluster.agent("b", is_host=False)
+        wait_until(lambda: cluster.starts() and newest_checkpoint_step(checkpoints) >= EVERY, 240, "two nodes training")
+        assert cluster.starts()[0] == (2, 0)
+
+        # Scale down: node B is lost (its agent and worker die at once).
+        before = newest_checkpoint_step(checkpoints)
+        old = {worker.pid for worker in node_a.workers()}
+        lost, lost_wall = time.monotonic(), time.time()
+        node_b.kill_all()
+        respawned = wait_until(lambda: [w for w in node_a.workers() if w.pid not in old], 120, "A's new worker")
+        timings["scale_down_respawn_s"] = round(respawned[0].create_time() - lost_wall, 1)
+        wait_until(lambda: len(cluster.starts()) >= 2 and cluster.steps_after_start(1), 180, "node A alone")
+        timings["scale_down_s"] = round(time.monotonic() - lost, 1)
+        world, resumed = cluster.starts()[1]
+        assert world == 1 and resumed >= before and resumed in complete_checkpoint_steps(checkpoints)
+        assert cluster.steps_after_start(1)[0] == resumed + 1
+
+        # A trains alone far enough to publish a checkpoint of its own.
+        wait_until(lambda: newest_checkpoint_step(checkpoints) >= resumed + EVERY, 120, "a checkpoint by node A alone")
+
+        # Scale up: node B comes back and joins; A's worker checkpoints and restarts with it.
+        old = {worker.pid for worker in node_a.workers()}
+        returned, returned_wall = time.monotonic(), time.time()
+        cluster.agent("b-again", is_host=False)
+        respawned = wait_until(lambda: [w for w in node_a.workers() if w.pid not in old], 120, "A's new worker")
+        timings["scale_up_respawn_s"] = round(respawned[0].create_time() - returned_wall, 1)
+        wait_until(lambda: len(cluster.starts()) >= 3 and cluster.steps_after_start(2), 240, "node B rejoining")
+        timings["scale_up_s"] = round(time.monotonic() - returned, 1)
+        world, rejoined_at = cluster.starts()[2]
+        assert world == 2 and rejoined_at in complete_checkpoint_steps(checkpoints)
+        assert rejoined_at >= resumed + EVERY
+        assert cluster.steps_after_start(2)[0] == rejoined_at + 1
+        assert len(cluster.starts()) == 3  # no further restarts along the way
+
+        # Both nodes stop on SIGTERM (a rollout) with a checkpoint ahead of the rejoin.
+        wait_until(lambda: newest_checkpoint_step(checkpoints) > rejoined_at, 120, "a checkpoint by both nodes")
+        for agent in cluster.started[-1], node_a:
+            agent.signal(signal.SIGTERM)
+        for agent in cluster.started[-1], node_a:
+            agent.wait(120)
+        assert newest_checkpoint_step(checkpoints) > rejoined_at
+    finally:
+        for agent in cluster.started:
+            agent.kill_all()
+        print("elastic timings:", json.dumps(timings), "starts:", cluster.starts())
