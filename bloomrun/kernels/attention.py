@@ -28,8 +28,6 @@ import triton.language as tl
 
 from bloomrun.kernels._launch import check_last_dim_contiguous, pick_configs
 
-LOG2E = 1.4426950408889634
-
 
 def _forward_configs() -> list[triton.Config]:
     tuned = [
@@ -44,9 +42,12 @@ def _forward_configs() -> list[triton.Config]:
 
 def _dkdv_configs() -> list[triton.Config]:
     # BLOCK_N (keys held in registers) must be a multiple of BLOCK_M (queries streamed).
+    # The first entry is the default when tuning is off: dK and dV accumulators of a
+    # 128-key block are 2 x 128 x D fp32, which needs 8 warps' registers at D = 128.
     tuned = [
-        triton.Config({"BLOCK_M": 32, "BLOCK_N": 128}, num_warps=4, num_stages=4),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 32, "BLOCK_N": 128}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 32, "BLOCK_N": 128}, num_warps=4, num_stages=4),
         triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=4),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
     ]
@@ -56,8 +57,9 @@ def _dkdv_configs() -> list[triton.Config]:
 def _dq_configs() -> list[triton.Config]:
     # BLOCK_M (queries held) must be a multiple of BLOCK_N (keys streamed).
     tuned = [
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=4, num_stages=4),
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=8, num_stages=4),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=4, num_stages=4),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=4),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
     ]
@@ -65,6 +67,16 @@ def _dq_configs() -> list[triton.Config]:
 
 
 # ------------------------------------------------------------------------------ forward
+
+
+@triton.jit
+def _head_dim_mask(offs_d, head_dim, EVEN_D: tl.constexpr):
+    # When D is the block width the mask is a compile-time constant, so loads need no
+    # per-element predicate along D and stay 16-byte vectors.
+    if EVEN_D:
+        return tl.full(offs_d.shape, 1, tl.int1)
+    else:
+        return offs_d < head_dim
 
 
 @triton.jit
@@ -94,7 +106,7 @@ def _forward_block(
     return acc, m_new, l_i
 
 
-@triton.autotune(configs=_forward_configs(), key=["BLOCK_D", "HAS_ALIBI"])
+@triton.autotune(configs=_forward_configs(), key=["BLOCK_D", "EVEN_D", "HAS_ALIBI"])
 @triton.jit
 def _attention_forward_kernel(
     Q, K, V,  # (B, T, H, D), strided; last dim contiguous
@@ -106,17 +118,18 @@ def _attention_forward_kernel(
     stride_vb, stride_vt, stride_vh,
     stride_ob, stride_ot, stride_oh,
     num_heads, seq_len, head_dim, qk_scale,
-    BLOCK_D: tl.constexpr, HAS_ALIBI: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, HAS_ALIBI: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    start_m = tl.program_id(0) * BLOCK_M
+    # The last query blocks see the most keys: launch them first so the tail is short.
+    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     batch_head = tl.program_id(1)
     b = (batch_head // num_heads).to(tl.int64)
     h = (batch_head % num_heads).to(tl.int64)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < head_dim
+    d_ok = _head_dim_mask(offs_d, head_dim, EVEN_D)
     q_ok = offs_m < seq_len
     q = tl.load(
         Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
@@ -126,7 +139,7 @@ def _attention_forward_kernel(
     v_ptrs = V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :]  # (N, D)
     slope = 0.0
     if HAS_ALIBI:
-        slope = tl.load(Slopes + h) * LOG2E
+        slope = tl.load(Slopes + h) * 1.4426950408889634  # log2(e) as a literal: compiled Triton refuses float globals
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
@@ -198,7 +211,7 @@ def _dkdv_block(
     return dk, dv
 
 
-@triton.autotune(configs=_dkdv_configs(), key=["BLOCK_D", "HAS_ALIBI"])
+@triton.autotune(configs=_dkdv_configs(), key=["BLOCK_D", "EVEN_D", "HAS_ALIBI"])
 @triton.jit
 def _attention_backward_dkdv_kernel(
     DK, DV,  # (B, T, H, D) outputs, contiguous
@@ -211,7 +224,7 @@ def _attention_backward_dkdv_kernel(
     stride_vb, stride_vt, stride_vh,
     stride_gb, stride_gt, stride_gh,  # of DK, DV and DO
     num_heads, seq_len, head_dim, qk_scale, sm_scale,
-    BLOCK_D: tl.constexpr, HAS_ALIBI: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, HAS_ALIBI: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     start_n = tl.program_id(0) * BLOCK_N
@@ -221,7 +234,7 @@ def _attention_backward_dkdv_kernel(
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < head_dim
+    d_ok = _head_dim_mask(offs_d, head_dim, EVEN_D)
     key_mask = (offs_n < seq_len)[:, None] & d_ok[None, :]
     k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :], mask=key_mask, other=0.0)
     v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :], mask=key_mask, other=0.0)
@@ -230,7 +243,7 @@ def _attention_backward_dkdv_kernel(
     row_base = batch_head.to(tl.int64) * seq_len + offs_m0
     slope = 0.0
     if HAS_ALIBI:
-        slope = tl.load(Slopes + h) * LOG2E
+        slope = tl.load(Slopes + h) * 1.4426950408889634  # log2(e) as a literal: compiled Triton refuses float globals
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     # Query blocks overlapping this key block's diagonal need the causal mask...
@@ -272,7 +285,7 @@ def _dq_block(
     return dq
 
 
-@triton.autotune(configs=_dq_configs(), key=["BLOCK_D", "HAS_ALIBI"])
+@triton.autotune(configs=_dq_configs(), key=["BLOCK_D", "EVEN_D", "HAS_ALIBI"])
 @triton.jit
 def _attention_backward_dq_kernel(
     DQ,  # (B, T, H, D) output, contiguous
@@ -285,17 +298,17 @@ def _attention_backward_dq_kernel(
     stride_vb, stride_vt, stride_vh,
     stride_gb, stride_gt, stride_gh,
     num_heads, seq_len, head_dim, qk_scale, sm_scale,
-    BLOCK_D: tl.constexpr, HAS_ALIBI: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, HAS_ALIBI: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    start_m = tl.program_id(0) * BLOCK_M
+    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # most work first
     batch_head = tl.program_id(1)
     b = (batch_head // num_heads).to(tl.int64)
     h = (batch_head % num_heads).to(tl.int64)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < head_dim
+    d_ok = _head_dim_mask(offs_d, head_dim, EVEN_D)
     row_ok = offs_m < seq_len
     row_mask = row_ok[:, None] & d_ok[None, :]
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_mask, other=0.0)
@@ -308,7 +321,7 @@ def _attention_backward_dq_kernel(
     v_ptrs = V + b * stride_vb + h * stride_vh + offs_n0[None, :] * stride_vt + offs_d[:, None]  # (D, N)
     slope = 0.0
     if HAS_ALIBI:
-        slope = tl.load(Slopes + h) * LOG2E
+        slope = tl.load(Slopes + h) * 1.4426950408889634  # log2(e) as a literal: compiled Triton refuses float globals
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     for start_n in range(0, start_m, BLOCK_N):
         dq = _dq_block(
@@ -347,8 +360,10 @@ def _launch_constants(q, alibi_slopes):
         if alibi_slopes is not None
         else torch.zeros(1, dtype=torch.float32, device=q.device)
     )
+    block_d = max(16, triton.next_power_of_2(head_dim))
     return dict(
-        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        BLOCK_D=block_d,
+        EVEN_D=block_d == head_dim,
         HAS_ALIBI=alibi_slopes is not None,
         # fp32 inputs are for tests; without "ieee" the GPU would round them to tf32.
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
