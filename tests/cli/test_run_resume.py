@@ -70,3 +70,25 @@ def test_ctrl_c_then_kill_then_rerun_resumes_and_finishes_with_a_lower_loss(tmp_
     assert f"training complete: {STEPS} steps" in third.text()
     assert third.steps()[-1][1] < 0.5 * start_loss
     assert newest_step(run_dir) == STEPS
+
+    # The trained run exports for transformers, with the weights of its final checkpoint.
+    export_and_compare(run_dir, tmp_path / "hf")
+
+
+def export_and_compare(run_dir, out):
+    import subprocess
+
+    import torch
+    from transformers import BloomForCausalLM
+
+    from bloomrun.cli.export import load_config
+    from bloomrun.trainer.model import Bloom
+
+    result = subprocess.run([BLOOMCTL, "export", str(run_dir), "--output", str(out)], capture_output=True, text=True)
+    assert result.returncode == 0 and f"exported step {STEPS}" in result.stdout, result.stderr
+    ours = Bloom(load_config(run_dir / "config.yaml").model)
+    ours.load_state_dict(ckpt.read_tensors(run_dir / "checkpoints" / f"step-{STEPS:08d}", "model.safetensors"))
+    hf = BloomForCausalLM.from_pretrained(out).eval()
+    ids = torch.randint(0, 1000, (2, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (hf(ids).logits - ours.eval()(ids)).abs().max().item() <= 1e-4
