@@ -90,8 +90,6 @@ def prepare(args: argparse.Namespace, env, cwd: Path) -> Launch:
     name = bloomrun.metadata.name
     out = launch.run_dir(name, args.output, cwd).absolute()
     checkpoints = out / "checkpoints"
-    if args.fresh and checkpoints.exists():
-        shutil.rmtree(checkpoints)
     rdzv_port, metrics_port = free_ports(2)
     config = resolve(config, manifest, checkpoints, metrics_port, args.steps)
     shape = config.model.shape()
@@ -102,6 +100,8 @@ def prepare(args: argparse.Namespace, env, cwd: Path) -> Launch:
         where = "spec." if str(err).startswith("data.") else ""
         raise UserError(f"{manifest}: {where}{err}") from None
 
+    if args.fresh and checkpoints.exists():
+        shutil.rmtree(checkpoints)
     out.mkdir(parents=True, exist_ok=True)
     config_path = out / "config.yaml"
     config_path.write_text(yaml.safe_dump(config.model_dump(mode="json", by_alias=True), sort_keys=False))
@@ -118,7 +118,7 @@ def prepare(args: argparse.Namespace, env, cwd: Path) -> Launch:
         python=sys.executable,
     )
     worker_env = launch.build_worker_env(
-        env, cache=cache, nproc=args.nproc, num_cpus=os.cpu_count() or 1, run_name=name
+        env, cache=cache, nproc=args.nproc, num_cpus=usable_cpus(), run_name=name
     )
     return Launch(name, command, worker_env, out, config_path, f"http://127.0.0.1:{metrics_port}/metrics")
 
@@ -138,6 +138,11 @@ def resolve(config, manifest: Path, checkpoints: Path, metrics_port: int, steps:
         )
     except ValidationError as err:  # e.g. --steps against a manifest's other settings
         raise UserError(format_validation_error(err, "spec")) from None
+
+
+def usable_cpus() -> int:
+    """Cores this process may run on (a container's or taskset's limit, not the host's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def free_ports(count: int) -> list[int]:

@@ -195,3 +195,50 @@ def test_progress_display_draws_step_loss_throughput_and_eta_on_a_terminal():
     assert "a worker line" in text
     assert "20/300" in text and "loss 3.2500" in text and "tokens/s 1,234" in text
     assert "ETA 2:20" in text  # 280 steps at 2 steps/s
+
+
+# ------------------------------------------------------------------------- prepare
+
+
+def prepare_args(manifest, **overrides):
+    import argparse
+
+    values = {"manifest": str(manifest), "nproc": 2, "output": None, "steps": None, "fresh": False, "max_restarts": 3}
+    return argparse.Namespace(**{**values, **overrides})
+
+
+def test_prepare_writes_the_resolved_config_and_builds_the_launch(tmp_path):
+    import yaml
+
+    from bloomrun.cli.run import prepare
+
+    manifest = launch.REPO_ROOT / "examples" / "tiny.yaml"
+    plan = prepare(prepare_args(manifest, steps=7), env={"BLOOMRUN_CACHE": str(tmp_path / "cache")}, cwd=tmp_path)
+    assert plan.run_dir == tmp_path / "runs" / "tiny"
+    written = TrainerConfig.model_validate(yaml.safe_load(plan.config_path.read_text()))
+    assert written.checkpoint.dir == str(tmp_path / "runs" / "tiny" / "checkpoints")
+    assert written.data.sources[0].path == str(launch.REPO_ROOT / "examples" / "data" / "stories_text_document")
+    assert written.training.train_steps == 7
+    assert plan.metrics_url == f"http://127.0.0.1:{written.metrics.port}/metrics"
+    assert option(plan.command, "--log-dir") == str(tmp_path / "cache" / "torchrun")
+    assert plan.command[-1] == str(plan.config_path)
+    assert plan.env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
+
+
+def test_fresh_deletes_old_checkpoints_but_only_once_the_input_is_valid(tmp_path):
+    import yaml
+
+    from bloomrun.cli.main import UserError
+    from bloomrun.cli.run import prepare
+
+    old = tmp_path / "runs" / "tiny" / "checkpoints" / "step-00000050"
+    old.mkdir(parents=True)
+    broken = tmp_path / "broken.yaml"
+    document = yaml.safe_load((launch.REPO_ROOT / "examples" / "tiny.yaml").read_text())
+    document["spec"]["data"]["sources"][0]["path"] = "nowhere/corpus"
+    broken.write_text(yaml.safe_dump(document))
+    with pytest.raises(UserError, match=r"spec\.data\.(tokenizer|sources)"):
+        prepare(prepare_args(broken, fresh=True), env={}, cwd=tmp_path)
+    assert old.exists()
+    prepare(prepare_args(launch.REPO_ROOT / "examples" / "tiny.yaml", fresh=True), env={}, cwd=tmp_path)
+    assert not old.exists()
