@@ -72,6 +72,13 @@ def gradient_accumulation(global_batch: int, micro_batch: int, world_size: int) 
     return global_batch // per_step
 
 
+def zero_stage(cfg: TrainerConfig, world: World) -> int:
+    """The manifest's stage, except on a single rank: ZeRO partitions state across
+    data-parallel ranks, so one rank has nothing to partition and the stage is pure
+    overhead (ZeRO 1 vs 0 at the 1.3B shape on one H200: 25.7k vs 28.6k tokens/s)."""
+    return cfg.training.zero_stage if world.world_size > 1 else 0
+
+
 def build_deepspeed_config(cfg: TrainerConfig, world: World, global_batch: int) -> dict:
     """The DeepSpeed config dict: pure, so tests can read it without starting an engine."""
     training = cfg.training
@@ -86,8 +93,9 @@ def build_deepspeed_config(cfg: TrainerConfig, world: World, global_batch: int) 
         "steps_per_print": 2**62,  # we log ourselves, one line per step
         "wall_clock_breakdown": False,
     }
-    zero: dict = {"stage": training.zero_stage}
-    if training.zero_stage > 0:
+    stage = zero_stage(cfg, world)
+    zero: dict = {"stage": stage}
+    if stage > 0:
         zero.update(
             contiguous_gradients=True,  # gradients land in one flat buffer: no fragmentation
             overlap_comm=world.is_cuda,  # reduce buckets while backward runs (CUDA streams only)
@@ -95,7 +103,7 @@ def build_deepspeed_config(cfg: TrainerConfig, world: World, global_batch: int) 
             reduce_bucket_size=BUCKET_ELEMENTS,
             allgather_bucket_size=BUCKET_ELEMENTS,
         )
-    if training.zero_stage == 3:
+    if stage == 3:
         zero.update(stage3_prefetch_bucket_size=BUCKET_ELEMENTS // 4, stage3_param_persistence_threshold=100_000)
     ds["zero_optimization"] = zero
     if precision(cfg, world) == "bf16":

@@ -150,7 +150,7 @@ class Trainer:
             log.info(
                 "model %s: %.1fM parameters, %.3g FLOPs/token; %d ranks on %s, %s, ZeRO %d; %d steps",
                 cfg.model.preset or "custom", self.num_parameters / 1e6, self.flops_per_token, world.world_size,
-                device_name, self.precision, cfg.training.zero_stage, self.target_steps,
+                device_name, self.precision, parallel.zero_stage(cfg, world), self.target_steps,
             )
 
     @classmethod
@@ -333,7 +333,7 @@ class Trainer:
                 rng["cuda"] = torch.cuda.get_rng_state(self.device)
             path = ckpt.publish(self.checkpoint_dir, self.state, weights, moments, rng,
                                 extra={"world_size": self.world.world_size,
-                                       "zero_stage": self.cfg.training.zero_stage})
+                                       "zero_stage": parallel.zero_stage(self.cfg, self.world)})
             ckpt.prune(self.checkpoint_dir, self.cfg.checkpoint.keep_last)
             log.info("checkpoint step %d saved to %s in %.2f s", self.state.step, path, time.perf_counter() - start)
         del weights, moments

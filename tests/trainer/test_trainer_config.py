@@ -27,6 +27,13 @@ def test_batch_is_micro_times_accumulation_times_ranks():
         parallel.build_deepspeed_config(trainer_config(), parallel.World(0, 0, 3, 0, "cpu"), 64)
 
 
+def test_one_rank_runs_without_zero_partitioning():
+    one = parallel.World(rank=0, local_rank=0, world_size=1, node_rank=0, device="cuda")
+    ds = parallel.build_deepspeed_config(trainer_config(zeroStage=3), one, 64)
+    assert ds["zero_optimization"] == {"stage": 0}
+    assert parallel.build_deepspeed_config(trainer_config(zeroStage=3), GPU8, 64)["zero_optimization"]["stage"] == 3
+
+
 def test_precision_auto_is_bf16_autocast_on_gpu_and_fp32_on_cpu():
     cfg = trainer_config()
     assert "torch_autocast" not in parallel.build_deepspeed_config(cfg, CPU2, 64)
