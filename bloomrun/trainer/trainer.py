@@ -90,7 +90,13 @@ class Trainer:
         self._batch_size_at = global_batch_size_at
         self.checkpoint_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else None
 
-        # Distributed first: DeepSpeed picks its accelerator and JIT cache at import.
+        # Data: checked before anything else so a bad file fails with its name, at once.
+        # Rank 0 alone: the check reads every token, and torchrun stops the others if it fails.
+        if world.rank == 0:
+            validate_data(cfg.data, self.shape.vocab_size, None, self.shape.seq_length)
+        self.samples = build_train_samples(cfg.data, self.shape.seq_length, None)
+
+        # Distributed: DeepSpeed picks its accelerator and JIT cache at import.
         parallel.prepare_environment(repo_cache_dir(), world)
         parallel.init_distributed(world)
         self.device = torch.device("cuda", world.local_rank) if world.is_cuda else torch.device("cpu")
@@ -98,10 +104,6 @@ class Trainer:
         if world.is_cuda:
             torch.backends.cuda.matmul.allow_tf32 = True  # fp32 runs use TF32 tensor cores
             torch.backends.cudnn.allow_tf32 = True
-
-        # Data: checked before the first step so a bad file fails with its name, not mid-run.
-        validate_data(cfg.data, self.cfg.model.padded_vocab_size, None, self.shape.seq_length)
-        self.samples = build_train_samples(cfg.data, self.shape.seq_length, None)
 
         # Run length and schedule depend only on the config: every rank computes the same.
         self.target_steps, run_tokens = run_length(cfg.training, self.shape.seq_length, global_batch_size_at)
@@ -355,14 +357,12 @@ class Trainer:
         """Rank 0 verifies (checksums) and picks; the others take its choice, so every rank
         loads the same step even if a file changes underneath."""
         choice = ckpt.newest_complete(self.checkpoint_dir) if self.world.rank == 0 else None
-        step = [choice[1]["step"] if choice else -1]
+        step = torch.tensor([choice[1]["step"] if choice else -1], dtype=torch.int64, device=self.device)
         if self.world.world_size > 1:
-            box = [step[0]]
-            dist.broadcast_object_list(box, src=0)  # an int, pickled by torch between our own ranks
-            step = box
-        if step[0] < 0:
+            dist.broadcast(step, src=0)
+        if int(step) < 0:
             return None
-        path = self.checkpoint_dir / ckpt.step_dir_name(step[0])
+        path = self.checkpoint_dir / ckpt.step_dir_name(int(step))
         return path, (choice[1] if choice else json.loads((path / ckpt.METADATA).read_text()))
 
     def _load(self, path: Path, meta: dict) -> None:
