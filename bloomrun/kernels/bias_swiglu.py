@@ -19,7 +19,7 @@ from bloomrun.kernels._launch import check_last_dim_contiguous, interpreting, pi
 
 def _tile_configs() -> list[triton.Config]:
     tuned = [triton.Config({"BLOCK_F": f}, num_warps=w) for f in (256, 512, 1024) for w in (4, 8)]
-    return pick_configs(tuned, triton.Config({"BLOCK_F": 32}, num_warps=1))
+    return pick_configs(tuned, triton.Config({"BLOCK_F": 128}, num_warps=1))
 
 
 def _block_rows() -> int:

@@ -83,7 +83,7 @@ def linear_cross_entropy_forward(hidden, weight, targets, ignore_index=-100):
     loss_rows = torch.empty(num_rows, dtype=torch.float32, device=hidden.device)
     d_hidden = torch.empty_like(hidden) if hidden.requires_grad else None
     d_weight = torch.zeros_like(weight) if weight.requires_grad else None
-    block_v = min(triton.next_power_of_2(vocab), 128 if interpreting() else 16384)
+    block_v = min(triton.next_power_of_2(vocab), 1024 if interpreting() else 16384)
     chunk = _chunk_rows(num_rows, vocab)
     for start in range(0, num_rows, chunk):
         end = min(start + chunk, num_rows)
@@ -110,11 +110,13 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d_loss):
+        # Scaled in place: a scaled copy of d_weight would be another V x C tensor (1 GB at
+        # vocab 250,880), which is what the chunking exists to avoid. The graph is used once.
         d_hidden, d_weight = ctx.saved_tensors
         if d_hidden is not None:
-            d_hidden = d_hidden * d_loss.to(d_hidden.dtype)
+            d_hidden.mul_(d_loss.to(d_hidden.dtype))
         if d_weight is not None:
-            d_weight = d_weight * d_loss.to(d_weight.dtype)
+            d_weight.mul_(d_loss.to(d_weight.dtype))
         return d_hidden, d_weight, None, None
 
 

@@ -25,7 +25,7 @@ def _row_configs() -> list[triton.Config]:
         for warps in (4, 8, 16)
     ]
     tuned.sort(key=lambda c: (c.kwargs["ROWS"] != 2, c.num_warps != 8))  # (2, 8) first: the default
-    return pick_configs(tuned, triton.Config({"ROWS": 2}, num_warps=1))
+    return pick_configs(tuned, triton.Config({"ROWS": 16}, num_warps=1))
 
 
 @triton.autotune(configs=_row_configs(), key=["n_cols"])
