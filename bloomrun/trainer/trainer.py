@@ -120,7 +120,7 @@ class Trainer:
         # Optimizer and engine; AdamW state exists from the start (see init_optimizer_state).
         self.optimizer = parallel.build_optimizer(model, cfg, world)
         self.ds_config = parallel.build_deepspeed_config(cfg, world, first_batch)
-        self.engine = parallel.create_engine(model, self.optimizer, self.ds_config)
+        self.engine = parallel.create_engine(model, self.optimizer, self.ds_config, world)
         parallel.init_optimizer_state(self.engine, self.optimizer)
 
         # Bookkeeping that checkpoints carry.
