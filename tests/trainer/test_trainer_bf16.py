@@ -1,5 +1,5 @@
 """bf16 autocast on 2 CPU ranks under ZeRO 2, with the batch-size ramp-up changing the
-engine's gradient accumulation between steps."""
+engine's gradient accumulation between steps, and checkpoints by time instead of steps."""
 
 import math
 
@@ -12,11 +12,13 @@ from tests.trainer.trainer_runs import Run, checkpoint_steps, config, write_corp
 pytestmark = pytest.mark.slow
 
 
-def test_bf16_zero2_run_ramps_the_batch_and_saves_fp32_master_weights(tmp_path):
+def test_bf16_zero2_run_ramps_the_batch_and_saves_by_time(tmp_path):
     corpus = write_corpus(tmp_path / "corpus")
     checkpoints = tmp_path / "run" / "checkpoints"
     cfg = config(corpus, checkpoints, steps=4, zero=2, precision="bf16",
                  rampup={"start": 4, "increment": 4, "samples": 8})
+    # Every 0.06 s: most steps take longer, so most steps save; keepLast 3 prunes the rest.
+    cfg["checkpoint"].update(everySteps=None, everyMinutes=0.001)
     run = Run(tmp_path / "run", cfg).run()
     assert "bf16, ZeRO 2" in run.output()
     steps = run.global_steps()
@@ -24,6 +26,8 @@ def test_bf16_zero2_run_ramps_the_batch_and_saves_fp32_master_weights(tmp_path):
     assert [steps[k]["indices"] for k in (1, 2, 3, 4)] == [
         list(range(0, 4)), list(range(4, 8)), list(range(8, 16)), list(range(16, 24))]
     assert all(math.isfinite(s["loss"]) and s["applied"] for s in steps.values())
-    assert checkpoint_steps(checkpoints) == [2, 4]
+    saved = checkpoint_steps(checkpoints)
+    # Only time can have saved before the end (everySteps is off); keepLast bounds the count.
+    assert len(saved) == 3 and saved[-1] == 4, saved
     weights = load_file(checkpoints / "step-00000004/model.safetensors")
     assert all(t.dtype == torch.float32 and t.isfinite().all() for t in weights.values())
