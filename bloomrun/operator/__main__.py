@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         clusterwide=not args.namespace,
         namespaces=args.namespace,
         standalone=args.standalone,
-        peering_name=args.peering,
+        peering_name=None if args.standalone else args.peering,  # a name makes peering mandatory
         priority=args.priority,
         liveness_endpoint=args.liveness or None,
     )

@@ -130,13 +130,23 @@ def structural(schema: dict, defs: dict) -> dict:
         default = node["default"]
         if default is None:
             del node["default"]
-        elif isinstance(default, dict) and node.get("type") == "object" and "properties" in node:
-            node["default"] = {}  # nested defaults fill it in, so the schema states each once
+        elif isinstance(default, dict):
+            # The API server checks a default against the CEL rules as written (nested
+            # defaults are not applied to it first), so it must be complete.
+            node["default"] = _without_nulls(default)
     if nullable and "default" in node:
         # A field that has a value by default but may be set to null on purpose
         # (preset: null, everySteps: null) keeps its null; others are simply optional.
         node["nullable"] = True
     return node
+
+
+def _without_nulls(value):
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
 
 
 def schema_of(model: type) -> dict:

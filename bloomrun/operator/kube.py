@@ -77,28 +77,27 @@ class Kube:
 
     def request(self, verb: str, path: str, body: Any = None, query: dict | None = None,
                 content_type: str = "application/json") -> dict | None:
-        from kubernetes.client.exceptions import ApiException
-
         try:
-            response = self.api.call_api(
-                path, verb, query_params=list((query or {}).items()),
+            method, url, headers, payload, post_params = self.api.param_serialize(
+                verb, path, query_params=list((query or {}).items()),
                 header_params={"Content-Type": content_type, "Accept": "application/json"},
-                body=body, auth_settings=["BearerToken"], _preload_content=False,
-                _return_http_data_only=True, _request_timeout=REQUEST_TIMEOUT_S,
+                body=body, auth_settings=["BearerToken"],
             )
-        except ApiException as err:
-            message = err.reason or ""
-            try:
-                message = json.loads(err.body or "{}").get("message", message)
-            except ValueError:
-                pass
-            if err.status not in (404, 409):
-                self.on_error(verb.lower())
-            raise (Conflict if err.status == 409 else ApiError)(err.status, message) from None
+            response = self.api.call_api(method, url, headers, payload, post_params,
+                                         _request_timeout=REQUEST_TIMEOUT_S)
+            data = response.read()
         except Exception:
             self.on_error(verb.lower())
             raise
-        data = response.data
+        if response.status >= 400:
+            message = response.reason or ""
+            try:
+                message = json.loads(data or b"{}").get("message", message)
+            except ValueError:
+                pass
+            if response.status not in (404, 409):
+                self.on_error(verb.lower())
+            raise (Conflict if response.status == 409 else ApiError)(response.status, message)
         return json.loads(data) if data else None
 
     # ---------------------------------------------------------------------- the run

@@ -73,6 +73,8 @@ def _reconcile(memo: kopf.Memo, namespace: str, name: str, worker_pods: kopf.Ind
         controller.reconcile(namespace, name)
     except ApiError as err:
         log.warning("reconcile of %s/%s failed: %s (the timer retries)", namespace, name, err)
+    except Exception:  # never let kopf back off for a minute: the timer retries in seconds
+        log.exception("reconcile of %s/%s crashed (the timer retries)", namespace, name)
 
 
 def _snapshot(index: kopf.Index, key) -> list:

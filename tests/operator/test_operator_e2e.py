@@ -33,7 +33,8 @@ def crd(cluster):
 
 @pytest.fixture(scope="module")
 def operator(cluster, crd):
-    op = Operator(cluster, "--standalone")
+    # Only this suite's namespaces, so the peering test can run operators of its own.
+    op = Operator(cluster, "--standalone", "--namespace", "br-*", "--namespace", "fuzz-*")
     yield op
     op.stop()
 
@@ -202,7 +203,7 @@ def test_operator_restarts_and_a_rival_replica_make_no_duplicates(runs, operator
     nodes = runs.add_nodes(4)
     runs.create(runs.manifest("steady", nodes, 4, 4))
     operator.restart(kill=True)  # SIGKILL in the middle of creating the workers
-    rival = Operator(cluster, "--standalone")  # two active replicas: the worst case peering prevents
+    rival = Operator(cluster, "--standalone", "--namespace", runs.namespace)  # two active replicas: the worst case peering prevents
     try:
         runs.wait_phase("steady", "Running")
         victim = runs.running_pods("steady")[0].metadata.name
@@ -265,3 +266,26 @@ def test_operator_metrics_are_served(runs, operator):
     for name in ("bloomrun_operator_runs", "bloomrun_operator_reconcile_duration_seconds_bucket",
                  "bloomrun_operator_time_to_running_seconds_count", "bloomrun_run_gpu_hours_used"):
         assert name in text
+
+
+def test_replicas_coordinate_through_kopf_peering(cluster, crd):
+    namespace = cluster.new_namespace("peer", pod_security="restricted")
+    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(
+        {"apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": "bloomrun", "namespace": namespace}}))
+    runs = Runs(cluster, namespace)
+    high = Operator(cluster, "--namespace", namespace, "--peering", "bloomrun", "--priority", "20")
+    low = Operator(cluster, "--namespace", namespace, "--peering", "bloomrun", "--priority", "10")
+    try:
+        nodes = runs.add_nodes(2)
+        wait_for(lambda: "Pausing operations in favour of" in low.child.log.read_text(), 30, "the low replica to pause")
+        runs.create(runs.manifest("first", nodes, 1, 1))
+        runs.wait_phase("first", "Running")
+        high.stop()  # a clean exit leaves the peering; the low-priority replica takes over
+        runs.create(runs.manifest("second", nodes, 1, 1))
+        runs.wait_phase("second", "Running", timeout=60)
+        assert [p.metadata.name for p in runs.pods("second")] == ["second-worker-0"]
+    finally:
+        high.stop()
+        low.stop()
+        runs.cleanup()
+        cluster.kubectl("delete", "namespace", namespace, "--wait=false")
