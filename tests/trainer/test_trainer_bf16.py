@@ -17,8 +17,8 @@ def test_bf16_zero2_run_ramps_the_batch_and_saves_by_time(tmp_path):
     checkpoints = tmp_path / "run" / "checkpoints"
     cfg = config(corpus, checkpoints, steps=4, zero=2, precision="bf16",
                  rampup={"start": 4, "increment": 4, "samples": 8})
-    # Every 0.06 s: most steps take longer, so most steps save; keepLast 3 prunes the rest.
-    cfg["checkpoint"].update(everySteps=None, everyMinutes=0.001)
+    # Every 6 ms: every step takes longer, so every step saves; keepLast 3 prunes step 1.
+    cfg["checkpoint"].update(everySteps=None, everyMinutes=0.0001)
     run = Run(tmp_path / "run", cfg).run()
     assert "bf16, ZeRO 2" in run.output()
     steps = run.global_steps()
@@ -28,6 +28,6 @@ def test_bf16_zero2_run_ramps_the_batch_and_saves_by_time(tmp_path):
     assert all(math.isfinite(s["loss"]) and s["applied"] for s in steps.values())
     saved = checkpoint_steps(checkpoints)
     # Only time can have saved before the end (everySteps is off); keepLast bounds the count.
-    assert len(saved) == 3 and saved[-1] == 4, saved
+    assert saved == [2, 3, 4], saved
     weights = load_file(checkpoints / "step-00000004/model.safetensors")
     assert all(t.dtype == torch.float32 and t.isfinite().all() for t in weights.values())
