@@ -8,10 +8,12 @@ buffer. Baselines: the model's torch path (eager) and the same under torch.compi
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 import torch.nn.functional as F
 
-from bench.common import parse_args, report, time_ms
+from bench.common import best_config, graph_time_ms, parse_args, report, time_ms
 from bloomrun.kernels import apply_rotary, bias_gelu, bias_swiglu
 from bloomrun.trainer.model.positions import rotary_cos_sin
 
@@ -46,7 +48,10 @@ def measure(fn, inputs, grads):
         out = out if isinstance(out, tuple) else (out,)
         torch.autograd.grad(out, [t for t in inputs if t.requires_grad], grads)
 
-    return dict(forward_ms=forward_ms, forward_backward_ms=time_ms(forward_backward, iters=50))
+    with torch.no_grad():
+        forward_graph_ms = graph_time_ms(lambda: fn(*inputs))
+    return dict(forward_ms=forward_ms, forward_backward_ms=time_ms(forward_backward, iters=50),
+                forward_graph_ms=forward_graph_ms, forward_backward_graph_ms=graph_time_ms(forward_backward))
 
 
 def main() -> None:
@@ -80,6 +85,15 @@ def main() -> None:
         for name in ("torch", "torch_compile"):
             if "forward_backward_ms" in results[op][name] and "forward_backward_ms" in results[op]["ours"]:
                 results[op][f"speedup_fwd_bwd_vs_{name}"] = results[op][name]["forward_backward_ms"] / results[op]["ours"]["forward_backward_ms"]
+    # Which tile each autotuned kernel settled on (the GELU backward is the one to explain).
+    gelu_module = importlib.import_module("bloomrun.kernels.bias_gelu")
+    swiglu_module = importlib.import_module("bloomrun.kernels.bias_swiglu")
+    results["configs"] = {
+        "bias_gelu_forward": best_config(gelu_module._bias_gelu_forward_kernel),
+        "bias_gelu_backward": best_config(gelu_module._bias_gelu_backward_kernel),
+        "bias_swiglu_forward": best_config(swiglu_module._bias_swiglu_forward_kernel),
+        "bias_swiglu_backward": best_config(swiglu_module._bias_swiglu_backward_kernel),
+    }
     report("activations", results, args.out)
 
 

@@ -33,6 +33,28 @@ def time_ms(fn, warmup: int = 5, iters: int = 30) -> float:
     return statistics.median(times)
 
 
+def graph_time_ms(fn, calls_per_graph: int = 10, iters: int = 20) -> float | None:
+    """Device time per call, host launch cost excluded: `fn` is captured `calls_per_graph`
+    times into one CUDA graph and the replays are timed. None (with the reason printed) when
+    `fn` cannot be captured. Comparing it with `time_ms` tells launch-bound from kernel-bound.
+    """
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up (autotuning, allocations) outside the capture
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(calls_per_graph):
+                fn()
+        return time_ms(graph.replay, warmup=2, iters=iters) / calls_per_graph
+    except Exception as error:
+        print("CUDA graph capture failed:", repr(error)[:200], flush=True)
+        return None
+
+
 def peak_gb(fn) -> float:
     """Peak allocated GB while `fn()` runs, counting what was allocated before it (inputs)."""
     torch.cuda.synchronize()

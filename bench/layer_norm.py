@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from bench.common import Rotating, best_config, parse_args, report, time_ms
+from bench.common import Rotating, best_config, graph_time_ms, parse_args, report, time_ms
 from bloomrun.kernels import layer_norm
 from bloomrun.kernels.layer_norm import _layer_norm_backward_kernel, _layer_norm_forward_kernel
 
@@ -62,9 +62,15 @@ def main() -> None:
                 torch.autograd.grad(fn(x), (x, weight, bias), dy)
 
             both_ms = time_ms(forward_backward, iters=100)
+            # The same calls replayed from a CUDA graph: device time without launch cost.
+            with torch.no_grad():
+                forward_graph_ms = graph_time_ms(lambda: fn(inputs.next()[0]))
             results[name] = dict(
                 forward_ms=forward_ms, forward_tb_per_s=io_bytes / forward_ms / 1e9,
                 forward_backward_ms=both_ms, max_abs_error_vs_fp32=error,
+                forward_graph_ms=forward_graph_ms,
+                forward_graph_tb_per_s=io_bytes / forward_graph_ms / 1e9 if forward_graph_ms else None,
+                forward_backward_graph_ms=graph_time_ms(forward_backward),
             )
         except Exception as error:
             results[name] = dict(error=repr(error)[:300])

@@ -384,7 +384,7 @@ def attention_forward(q, k, v, alibi_slopes=None):
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         o.stride(0), o.stride(1), o.stride(2),
-        num_heads, seq_len, head_dim, sm_scale * 1.4426950408889634,
+        num_heads, seq_len, head_dim, sm_scale * math.log2(math.e),
         **constants,
     )
     return o, lse
@@ -409,7 +409,7 @@ def attention_backward(do, q, k, v, o, lse, alibi_slopes=None):
         v.stride(0), v.stride(1), v.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2),
     )
-    scalars = (num_heads, seq_len, head_dim, sm_scale * 1.4426950408889634, sm_scale)
+    scalars = (num_heads, seq_len, head_dim, sm_scale * math.log2(math.e), sm_scale)
     dkdv_grid = lambda meta: (triton.cdiv(seq_len, meta["BLOCK_N"]), batch * num_heads)
     _attention_backward_dkdv_kernel[dkdv_grid](dk, dv, q, k, v, do, lse, delta, slopes, *strides, *scalars, **constants)
     dq_grid = lambda meta: (triton.cdiv(seq_len, meta["BLOCK_M"]), batch * num_heads)
