@@ -41,6 +41,7 @@ def test_should_create_each_integration_when_enabled():
 def test_should_install_the_generated_crds_unchanged():
     generated = sorted((REPO / "crds").glob("*.yaml"))
     assert generated, "crds/ is empty: run `make crds`"
+    assert {p.name for p in (CHART / "crds").iterdir()} == {p.name for p in generated}, "run `make chart-crds`"
     for source in generated:
         copy = CHART / "crds" / source.name
         assert copy.exists() and copy.read_text() == source.read_text(), (
