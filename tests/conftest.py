@@ -9,4 +9,4 @@ import shutil
 if shutil.which("nvidia-smi") is None and "TRITON_INTERPRET" not in os.environ:
     os.environ["TRITON_INTERPRET"] = "1"
 
-pytest_plugins: list[str] = []
+pytest_plugins: list[str] = ["tests.cluster.fixture"]

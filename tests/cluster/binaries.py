@@ -1,0 +1,35 @@
+"""Where the cluster's binaries are cached, and building them when they are missing."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+TOOLS = REPO / "tools" / "k8s"
+NAMES = (
+    "etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl",
+    "kwok", "helm", "prometheus", "promtool",
+)
+
+
+def bin_dir() -> Path:
+    """The cache folder for the pinned versions; BLOOMRUN_K8S_BIN overrides it."""
+    if override := os.environ.get("BLOOMRUN_K8S_BIN"):
+        return Path(override)
+    out = subprocess.run(
+        ["bash", str(TOOLS / "bindir.sh")], check=True, capture_output=True, text=True
+    )
+    return Path(out.stdout.strip())
+
+
+def ensure_built() -> Path:
+    """Returns the binary folder, building it first (as `make k8s` does) if incomplete."""
+    folder = bin_dir()
+    if not (folder / ".complete").exists() and "BLOOMRUN_K8S_BIN" not in os.environ:
+        print(f"building the test cluster's binaries into {folder} (once)", file=sys.stderr)
+        subprocess.run(["bash", str(TOOLS / "build.sh")], check=True)
+    missing = [name for name in NAMES if not (folder / name).exists()]
+    if missing:
+        raise FileNotFoundError(f"{folder} lacks {', '.join(missing)}: run `make k8s`")
+    return folder
