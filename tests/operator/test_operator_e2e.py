@@ -44,8 +44,9 @@ def runs(cluster, crd):
     namespace = cluster.new_namespace("br", pod_security="restricted")
     handle = Runs(cluster, namespace)
     yield handle
-    handle.cleanup()
+    # The namespace first: deleting the nodes under live runs would only make node-loss noise.
     cluster.kubectl("delete", "namespace", namespace, "--wait=false")
+    handle.cleanup()
 
 
 def test_a_run_is_scheduled_onto_the_a100_80gb_pool_and_reports_running(runs, operator, cluster):
@@ -277,12 +278,15 @@ def test_replicas_coordinate_through_kopf_peering(cluster, crd):
     low = Operator(cluster, "--namespace", namespace, "--peering", "bloomrun", "--priority", "10")
     try:
         nodes = runs.add_nodes(2)
-        wait_for(lambda: "Pausing operations in favour of" in low.child.log.read_text(), 30, "the low replica to pause")
+        peering = lambda: cluster.kubectl("get", "kopfpeering", "bloomrun", "-n", namespace, "-o", "json").stdout  # noqa
+        wait_for(lambda: len(json.loads(peering()).get("status") or {}) == 2, 30, "both replicas in the peering")
         runs.create(runs.manifest("first", nodes, 1, 1))
         runs.wait_phase("first", "Running")
+        assert "Resuming operations" not in low.child.log.read_text()  # it waited while the high one acted
         high.stop()  # a clean exit leaves the peering; the low-priority replica takes over
         runs.create(runs.manifest("second", nodes, 1, 1))
         runs.wait_phase("second", "Running", timeout=60)
+        assert "Resuming operations" in low.child.log.read_text()
         assert [p.metadata.name for p in runs.pods("second")] == ["second-worker-0"]
     finally:
         high.stop()

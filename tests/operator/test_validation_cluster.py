@@ -125,6 +125,7 @@ def test_generated_manifests_refused_offline_are_refused_by_the_api_server_and_n
     custom = client.CustomObjectsApi(cluster.api())
     accepted: list[str] = []
     disagreements: list[str] = []
+    verdicts = {"refused": 0, "accepted": 0}
 
     @settings(max_examples=60, deadline=None, derandomize=True,
               suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -137,6 +138,7 @@ def test_generated_manifests_refused_offline_are_refused_by_the_api_server_and_n
             offline = str(err)
             assert offline and "\n" not in offline and ":" in offline
         server = server_verdict(custom, fuzz_namespace, document)
+        verdicts["refused" if offline else "accepted"] += 1
         if offline is not None:
             assert server is not None, f"offline refused ({offline}) but the API server accepted {document}"
             assert "spec" in server or "metadata.name" in server, server
@@ -149,6 +151,7 @@ def test_generated_manifests_refused_offline_are_refused_by_the_api_server_and_n
             accepted.append(document["metadata"]["name"])
 
     check()
+    assert verdicts["refused"] >= 10 and verdicts["accepted"] >= 5, verdicts  # both sides exercised
     # What the API server accepts the operator handles: a phase for each, and it stays up.
     for name in accepted:
         wait_for(lambda: (custom.get_namespaced_custom_object(GROUP, VERSION, fuzz_namespace, PLURAL, name)
