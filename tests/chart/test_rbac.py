@@ -22,6 +22,12 @@ def refused(call) -> bool:
     return False
 
 
+def assert_never_refused(operator) -> None:
+    """Not one API call of the operator (or of kopf under it) was refused."""
+    forbidden = [line for line in operator.log().splitlines() if "Forbidden" in line or " 403" in line]
+    assert not forbidden, "\n".join(forbidden[:5])
+
+
 def reconciles_end_to_end(cluster, namespace: str, name: str) -> None:
     apply_run(cluster, namespace, probe_run(name))
     try:
@@ -49,8 +55,7 @@ def test_namespaced_release_reconciles_its_namespace_and_is_refused_the_rest(clu
     with chart_release(cluster, {"watchNamespaces": [team]}) as release, \
             running_operator(cluster, release, tmp_path) as operator:
         reconciles_end_to_end(cluster, team, "probe")
-        forbidden = [line for line in operator.log().splitlines() if "Forbidden" in line or " 403" in line]
-        assert not forbidden, "\n".join(forbidden[:10])
+        assert_never_refused(operator)
 
         user = service_account_user(release["namespace"], release["service_account"])
         api = cluster.impersonating(user)
@@ -68,8 +73,9 @@ def test_namespaced_release_reconciles_its_namespace_and_is_refused_the_rest(clu
 
 def test_cluster_wide_release_reconciles_any_namespace_but_never_reads_secrets(cluster, tmp_path):
     team = cluster.new_namespace("rbac-any")
-    with chart_release(cluster, {}) as release, running_operator(cluster, release, tmp_path):
+    with chart_release(cluster, {}) as release, running_operator(cluster, release, tmp_path) as operator:
         reconciles_end_to_end(cluster, team, "probe")
+        assert_never_refused(operator)
         api = cluster.impersonating(service_account_user(release["namespace"], release["service_account"]))
         core = client.CoreV1Api(api)
         assert refused(lambda: core.list_secret_for_all_namespaces())

@@ -98,22 +98,24 @@ def test_should_run_standalone_with_one_replica_and_peer_with_more():
 def test_should_bind_a_cluster_role_when_no_namespaces_are_listed():
     objects = render()
     args = only(objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert "--all-namespaces" in args
+    assert not [arg for arg in args if arg.startswith("--namespace")]  # every namespace
     binding = only(objects, "ClusterRoleBinding")
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "br-bloomrun-operator",
                                     "namespace": "bloomrun-system"}]
     assert not of_kind(objects, "Role")
 
 
-def test_should_grant_a_role_per_watched_namespace_and_only_node_reads_cluster_wide():
+def test_should_grant_a_role_per_watched_namespace_and_only_reads_cluster_wide():
     objects = render({"watchNamespaces": ["team-a", "team-b"], "replicaCount": 2})
     cluster_rules = only(objects, "ClusterRole")["rules"]
-    assert cluster_rules == [{"apiGroups": [""], "resources": ["nodes"], "verbs": ["list", "watch"]}]
+    assert {verb for rule in cluster_rules for verb in rule["verbs"]} == {"list", "watch"}
+    assert {res for rule in cluster_rules for res in rule["resources"]} == {
+        "nodes", "customresourcedefinitions", "namespaces"}
     assert only(objects, "ClusterRoleBinding")["roleRef"]["name"] == only(objects, "ClusterRole")["metadata"]["name"]
     assert sorted(role["metadata"]["namespace"] for role in of_kind(objects, "Role")) == ["team-a", "team-b"]
     assert sorted(b["metadata"]["namespace"] for b in of_kind(objects, "RoleBinding")) == ["team-a", "team-b"]
     args = only(objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert "--namespace=team-a" in args and "--namespace=team-b" in args and "--all-namespaces" not in args
+    assert "--namespace=team-a" in args and "--namespace=team-b" in args
     assert len(of_kind(objects, "KopfPeering")) == 2
 
 

@@ -64,12 +64,9 @@ app.kubernetes.io/part-of: bloomrun
 {{- else }}
 - --standalone
 {{- end }}
-{{- if include "bloomrun-operator.namespaced" . }}
+{{- /* No --namespace at all means every namespace. */}}
 {{- range .Values.watchNamespaces }}
 - --namespace={{ . }}
-{{- end }}
-{{- else }}
-- --all-namespaces
 {{- end }}
 {{- end }}
 
