@@ -179,11 +179,15 @@ def supervise(plan: Launch) -> int:
     lines: queue.Queue[str | None] = queue.Queue()
     threading.Thread(target=pump, args=(proc.stdout, lines), daemon=True).start()
     stopper = Stopper(proc)
-    with stopper.installed(), ProgressDisplay(f"{plan.name}") as display:
-        stream(lines, display, plan.metrics_url)
-        code = proc.wait()
-        if code == 0 and stopper.signal is None:
-            display.finish()  # the trainer exits 0 unasked only once training is complete
+    try:
+        with stopper.installed(), ProgressDisplay(f"{plan.name}") as display:
+            stream(lines, display, plan.metrics_url)
+            code = proc.wait()
+            if code == 0 and stopper.signal is None:
+                display.finish()  # the trainer exits 0 unasked only once training is complete
+    finally:
+        if proc.poll() is None:  # we failed ourselves: leave no orphaned workers behind
+            kill_tree(proc.pid)
     if stopper.signal:
         print(f"stopped by {stopper.signal.name}; run the same command again to resume", flush=True)
         return 128 + stopper.signal.value
@@ -224,7 +228,7 @@ def scrape(url: str):
 
 
 class Stopper:
-    """First Ctrl-C/SIGTERM: forward SIGTERM to torchrun (the trainer checkpoints and
+    """First Ctrl-C/SIGTERM/SIGHUP: forward SIGTERM to torchrun (the trainer checkpoints and
     exits). A second one: SIGKILL torchrun and every worker."""
 
     def __init__(self, proc: subprocess.Popen):
@@ -241,7 +245,7 @@ class Stopper:
 
     def installed(self):
         stack = ExitStack()
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             previous = signal.signal(signum, self.handle)
             stack.callback(signal.signal, signum, previous)
         return stack
