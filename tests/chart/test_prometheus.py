@@ -120,7 +120,8 @@ def with_all_selected(query: str) -> str:
     return query.replace("$namespace", ".*").replace("$run", ".*")
 
 
-@pytest.mark.parametrize(("title", "query"), dashboard_queries())
+@pytest.mark.parametrize(("title", "query"), dashboard_queries(),
+                         ids=[f"{title}-{n}" for n, (title, _) in enumerate(dashboard_queries())])
 def test_every_dashboard_query_returns_data(stack, title, query):
     result = stack.wait_for(with_all_selected(query), timeout=90)
     assert result, title
