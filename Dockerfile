@@ -4,7 +4,8 @@
 # scripts/install_venv.sh and read the same pins (requirements/trainer.txt): CI tests the
 # versions this image ships. tests/chart/test_images.py keeps these invariants.
 
-# Base images pinned to full version tags (CUDA 12.9 matches torch 2.15's cu129 wheels).
+# Base images pinned to full version tags. torch's PyPI wheels carry their own CUDA
+# libraries; the devel stage adds nvcc for DeepSpeed's op builds.
 FROM nvidia/cuda:12.9.1-cudnn-devel-ubuntu24.04 AS build
 ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN apt-get update \
