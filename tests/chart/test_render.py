@@ -150,3 +150,18 @@ def test_should_scrape_trainer_pods_keeping_their_run_labels():
 ])
 def test_should_refuse_bad_values_naming_the_field(values, field):
     assert field in render_error(values)
+
+
+def test_pod_monitor_selects_the_worker_pods_the_operator_builds():
+    from bloomrun.operator.desired import Run, desired_worker
+    from bloomrun.operator.spec import BloomRunSpec
+
+    spec = BloomRunSpec.model_validate({
+        "data": {"sources": [{"path": "/data/tiny"}]},
+        "training": {"trainSteps": 10, "globalBatchSize": 8, "microBatchSize": 2},
+    })
+    worker = desired_worker(Run(name="r", namespace="team", uid="u-1", generation=1, spec=spec), 0)
+    monitor = only(render({"podMonitor": {"enabled": True}}), "PodMonitor")["spec"]
+    assert monitor["selector"]["matchLabels"].items() <= worker["metadata"]["labels"].items()
+    port_names = {port["name"] for c in worker["spec"]["containers"] for port in c.get("ports", [])}
+    assert monitor["podMetricsEndpoints"][0]["port"] in port_names
