@@ -6,7 +6,12 @@ import sys
 from tests.cluster.control_plane import start_cluster
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the cluster cleanly too
     cluster = start_cluster()
     print(f"cluster up in {cluster.start_seconds:.1f} s\n"
           f"export KUBECONFIG={cluster.kubeconfig}\n"
