@@ -3,7 +3,7 @@
 # etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, kwok, helm from
 # their pinned Go modules, and prometheus/promtool unpacked from Debian's package (unpacked
 # rather than installed, so no system service is started). Safe to run again: a complete
-# folder is left alone; an interrupted build leaves only a temporary folder behind.
+# folder is left alone; an interrupted build leaves only its temporary folder behind.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 bin=$(bash "$here/bindir.sh")
@@ -57,8 +57,10 @@ cp "$work/deb/usr/bin/prometheus" "$work/deb/usr/bin/promtool" "$out/"
 basename "$work"/prometheus_*.deb > "$out/prometheus.deb-version"
 
 echo "$(( $(date +%s) - start ))" > "$out/build-seconds"
-mkdir -p "$(dirname "$bin")"
-rm -rf "$bin"
-mv "$out" "$bin"
-touch "$bin/.complete"
+touch "$out/.complete"
+# Publish with one rename, so a test run never sees a half-filled folder; when another build
+# (another clone's `make test`) published first, keep its folder and drop this one.
+if ! mv -T "$out" "$bin" 2>/dev/null; then
+  if [[ ! -f $bin/.complete ]]; then rm -rf "$bin"; mv -T "$out" "$bin"; fi
+fi
 echo "built into $bin in $(cat "$bin/build-seconds") s" >&2
