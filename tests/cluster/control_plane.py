@@ -18,16 +18,15 @@ import yaml
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
-from tests.cluster import components, identities, kubeconfig, pods
+from tests.cluster import components, identities, kubeconfig
 from tests.cluster.binaries import ensure_built
 from tests.cluster.components import Layout, Ports
-from tests.cluster.nodes import KWOK_ANNOTATION, POOLS, initial_nodes, node_manifest
+from tests.cluster.levers import Levers
+from tests.cluster.nodes import initial_nodes, node_manifest, schedulable
 from tests.cluster.pki import CLIENTS, make_pki
 from tests.cluster.processes import Child, free_port, wait_until
 from tests.cluster.prometheus import Prometheus
 
-STRATEGIC = "application/strategic-merge-patch+json"
-MERGE = "application/merge-patch+json"
 # kube-apiserver stops listening within milliseconds of SIGTERM but then lingers for tens of
 # seconds (seen with v1.37.2); nothing it still holds matters, so it is killed after this.
 _STOP_GRACE = 2.0
@@ -38,7 +37,7 @@ class KubectlError(subprocess.CalledProcessError):
         return f"{super().__str__()}\n{self.stderr}"
 
 
-class Cluster:
+class Cluster(Levers):
     """A control plane running under `root` (a fresh temporary folder by default)."""
 
     def __init__(self, bin_dir: Path, root: Path | None = None):
@@ -73,8 +72,8 @@ class Cluster:
                            ("kwok", components.kwok)):
             self._spawn(name, argv)
         for name, pool in initial_nodes():
-            self._core.create_node(node_manifest(name, POOLS[pool.name]))
-        self.wait(lambda: all(_ready(n) for n in self._core.list_node().items),
+            self._core.create_node(node_manifest(name, pool))
+        self.wait(lambda: all(schedulable(n) for n in self._core.list_node().items),
                    60, "the kwok nodes to be Ready and untainted")
         self.wait(lambda: _exists(lambda: self._core.read_namespaced_service_account(
             "default", "default")), 60, "the controller-manager to create service accounts")
@@ -203,92 +202,6 @@ class Cluster:
             "default", name)), 30, f"the default service account in {name}")
         return name
 
-    # -- nodes -----------------------------------------------------------------------------
-
-    def add_node(self, name: str, pool: str, wait: bool = True) -> None:
-        """Adds a kwok node to `pool` (a100-80gb, a100-40gb or cpu)."""
-        if pool not in POOLS:
-            raise ValueError(f"unknown pool {pool!r}; pools are {', '.join(POOLS)}")
-        self._core.create_node(node_manifest(name, POOLS[pool]))
-        if wait:
-            self.wait(lambda: _ready(self._core.read_node(name)), 30, f"node {name} Ready")
-
-    def delete_node(self, name: str) -> None:
-        """Deletes the Node object, as when a machine is removed; its pods are then
-        garbage-collected by the controller-manager's pod GC (after about 40 s)."""
-        self._core.delete_node(name)
-
-    def set_node_ready(self, name: str, ready: bool) -> None:
-        """Makes a node NotReady (as when its kubelet stops reporting) or Ready again.
-
-        NotReady: kwok stops managing the node (its annotation goes, so no lease renewals
-        and no re-initialisation) and the Ready condition turns False; the node lifecycle
-        controller then taints it and marks its pods not ready. Ready: kwok takes over again.
-        """
-        if ready:
-            self._core.patch_node(name, {"metadata": {"annotations": {KWOK_ANNOTATION: "fake"}}},
-                                  _content_type=MERGE)
-            self._patch_ready(name, "True", "KubeletReady", "kubelet is posting ready status")
-            return
-        self._core.patch_node(name, {"metadata": {"annotations": {KWOK_ANNOTATION: None}}},
-                              _content_type=MERGE)
-        time.sleep(0.5)  # let kwok drop the node before the status changes under it
-        self._patch_ready(name, "False", "KubeletNotReady", "container runtime is down")
-
-    def _patch_ready(self, name: str, status: str, reason: str, message: str) -> None:
-        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        condition = {"type": "Ready", "status": status, "reason": reason, "message": message,
-                     "lastHeartbeatTime": now, "lastTransitionTime": now}
-        self._core.patch_node_status(name, {"status": {"conditions": [condition]}},
-                                     _content_type=STRATEGIC)
-
-    # -- pods ------------------------------------------------------------------------------
-
-    def fail_pod(self, namespace: str, name: str, exit_code: int | None = None,
-                 reason: str | None = None) -> None:
-        """Ends a pod as Failed the way a kubelet reports it: containers terminated with
-        `exit_code` (default 1; 137 for OOMKilled and Evicted) and `reason` ("OOMKilled",
-        "Error", ...), or evicted (`reason="Evicted"`). kwok leaves it so."""
-        pod = self._core.read_namespaced_pod(name, namespace).to_dict(serialize=True)
-        status = pods.failed_status(pod, exit_code, reason)
-        self._core.patch_namespaced_pod_status(name, namespace, {"status": status},
-                                               _content_type=STRATEGIC)
-
-    def succeed_pod(self, namespace: str, name: str) -> None:
-        """Ends a pod as Succeeded: every container exited 0."""
-        pod = self._core.read_namespaced_pod(name, namespace).to_dict(serialize=True)
-        self._core.patch_namespaced_pod_status(name, namespace,
-                                               {"status": pods.succeeded_status(pod)},
-                                               _content_type=STRATEGIC)
-
-    def wait_for_pod(self, namespace: str, name: str, predicate, timeout: float = 30,
-                     what: str = "a condition"):
-        """Polls the pod until predicate(pod) holds (pod as V1Pod); returns the pod."""
-        def check():
-            pod = self._core.read_namespaced_pod(name, namespace)
-            return pod if predicate(pod) else None
-        return self.wait(check, timeout, f"pod {namespace}/{name}: {what}")
-
-    # -- volumes ---------------------------------------------------------------------------
-
-    def create_pvc(self, namespace: str, name: str, size: str = "10Gi",
-                   access_mode: str = "ReadWriteMany") -> None:
-        """Creates a PersistentVolumeClaim and a hostPath PersistentVolume reserved for it,
-        and waits until the PV controller binds them (there is no dynamic provisioner)."""
-        volume = f"pv-{namespace}-{name}"
-        self._core.create_persistent_volume({
-            "metadata": {"name": volume},
-            "spec": {"capacity": {"storage": size}, "accessModes": [access_mode],
-                     "persistentVolumeReclaimPolicy": "Delete", "storageClassName": "",
-                     "hostPath": {"path": f"/tmp/{volume}"},
-                     "claimRef": {"namespace": namespace, "name": name}}})
-        self._core.create_namespaced_persistent_volume_claim(namespace, {
-            "metadata": {"name": name},
-            "spec": {"accessModes": [access_mode], "storageClassName": "",
-                     "volumeName": volume, "resources": {"requests": {"storage": size}}}})
-        self.wait(lambda: self._core.read_namespaced_persistent_volume_claim(
-            name, namespace).status.phase == "Bound", 30, f"PVC {namespace}/{name} Bound")
-
     # -- prometheus ------------------------------------------------------------------------
 
     def start_prometheus(self, scrape_config, rule_files=()) -> Prometheus:
@@ -301,15 +214,6 @@ class Cluster:
         handle = Prometheus(self.bin_dir, folder, scrape_config, list(rule_files)).start()
         self._prometheus.append(handle)
         return handle
-
-
-def _ready(node: client.V1Node) -> bool:
-    """Ready, and schedulable: the node controller has lifted the not-ready taint that
-    every node is created with."""
-    condition_ready = any(c.type == "Ready" and c.status == "True"
-                          for c in (node.status.conditions or []))
-    return condition_ready and not any(t.key.startswith("node.kubernetes.io/")
-                                       for t in node.spec.taints or [])
 
 
 def _exists(read) -> bool:

@@ -98,3 +98,12 @@ def node_manifest(name: str, pool: Pool) -> dict:
 def initial_nodes() -> list[tuple[str, Pool]]:
     return [(f"{pool.name}-{i}", pool) for pool in POOLS.values()
             for i in range(pool.initial_nodes)]
+
+
+def schedulable(node) -> bool:
+    """Ready, with the not-ready taint every node is created with lifted by the node
+    lifecycle controller (`node` as the kubernetes client's V1Node)."""
+    condition_ready = any(c.type == "Ready" and c.status == "True"
+                          for c in (node.status.conditions or []))
+    return condition_ready and not any(t.key.startswith("node.kubernetes.io/")
+                                       for t in node.spec.taints or [])

@@ -270,3 +270,13 @@ def test_prometheus_scrapes_and_fires_an_alert(cluster, tmp_path):
     finally:
         prometheus.stop()
         server.shutdown()
+
+
+def test_created_pvc_is_bound_and_a_pod_using_it_runs(cluster, core, namespace):
+    cluster.create_pvc(namespace, "checkpoints", size="50Gi")
+    pod = gpu_pod("with-volume", 8)
+    pod["spec"]["volumes"] = [{"name": "ckpt",
+                               "persistentVolumeClaim": {"claimName": "checkpoints"}}]
+    pod["spec"]["containers"][0]["volumeMounts"] = [{"name": "ckpt", "mountPath": "/ckpt"}]
+    core.create_namespaced_pod(namespace, pod)
+    running(cluster, namespace, "with-volume")
