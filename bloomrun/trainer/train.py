@@ -2,7 +2,8 @@
 
 Run under torchrun (the operator's pods, `bloomctl run`) or alone (a world of one). The
 config is a TrainerConfig in the manifest's camelCase keys. Exit status: 0 when training
-completed or stopped cleanly on SIGTERM after a checkpoint; 2 for a bad config or data.
+completed or stopped cleanly on SIGTERM after a checkpoint; 75 when a peer was stopped
+(torchrun then re-forms the group without it); 2 for a bad config or data.
 """
 
 from __future__ import annotations

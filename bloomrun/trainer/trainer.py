@@ -41,6 +41,9 @@ POISON_ENV = "BLOOMRUN_POISON_SAMPLES"
 TRACE_ENV = "BLOOMRUN_TRACE_FILE"
 HANG_ENV = "BLOOMRUN_TEST_HANG_AFTER_STEP"
 PORT_FILE_ENV = "BLOOMRUN_METRICS_PORT_FILE"
+# Exit status of ranks that stop because a peer got SIGTERM (EX_TEMPFAIL): non-zero, so
+# torchrun restarts them into a new rendezvous rather than ending the run as finished.
+EXIT_PEER_STOPPED = 75
 
 
 @dataclass
@@ -439,9 +442,7 @@ class Trainer:
             if result.stop_requested or done or (result.save_due and result.applied):
                 self.save()
             if result.stop_requested:
-                if self.world.rank == 0:
-                    log.warning("SIGTERM: checkpoint at step %d saved, stopping", self.state.step)
-                return 0
+                return self._stop_code()
             if os.environ.get(HANG_ENV) == str(self.state.step):
                 time.sleep(3600)
         if self.world.rank == 0:
@@ -449,6 +450,22 @@ class Trainer:
         if self.last_checkpoint_step != self.state.step:
             self.save()
         return 0
+
+    def _stop_code(self) -> int:
+        """Exit status after a SIGTERM stop, once its checkpoint is saved.
+
+        Ranks whose own process got the SIGTERM (a deleted pod, Ctrl-C, the budget stop)
+        exit 0. Ranks stopped only because a peer was (the stop is agreed collectively)
+        exit EXIT_PEER_STOPPED, so that their torchrun agent re-forms the group without the
+        departed node and resumes from the checkpoint just saved; exiting 0 there would end
+        the whole run as if training had finished."""
+        if self._stop_requested:
+            if self.world.rank == 0:
+                log.warning("SIGTERM: checkpoint at step %d saved, stopping", self.state.step)
+            return 0
+        log.warning("a peer got SIGTERM: checkpoint at step %d saved, leaving for torchrun to "
+                    "re-form the group (exit %d)", self.state.step, EXIT_PEER_STOPPED)
+        return EXIT_PEER_STOPPED
 
     def close(self) -> None:
         if self.reporter is not None:

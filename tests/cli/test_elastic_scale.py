@@ -148,3 +148,29 @@ def test_a_node_lost_leaves_the_other_training_and_a_node_returning_rejoins(tmp_
         for agent in cluster.started:
             agent.kill_all()
         print("elastic timings:", json.dumps(timings), "starts:", cluster.starts())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_node_stopped_with_sigterm_leaves_the_other_training_from_the_stop_checkpoint(tmp_path):
+    """A pod deleted by Kubernetes gets SIGTERM: the group agrees to stop and saves, the
+    stopped node exits 0, and the other node's workers exit 75 so its torchrun re-forms the
+    group alone instead of ending the run as if training had finished."""
+    cluster = Cluster(tmp_path)
+    checkpoints = tmp_path / "checkpoints"
+    try:
+        node_a = cluster.agent("a", is_host=True)
+        node_b = cluster.agent("b", is_host=False)
+        wait_until(lambda: cluster.starts() and newest_checkpoint_step(checkpoints) >= EVERY, 240, "two nodes training")
+        node_b.signal(signal.SIGTERM)
+        node_b.wait(120)
+        stop_step = newest_checkpoint_step(checkpoints)
+        wait_until(lambda: len(cluster.starts()) >= 2 and cluster.steps_after_start(1), 180, "node A alone")
+        world, resumed = cluster.starts()[1]
+        assert world == 1
+        assert resumed == stop_step, "A must resume from the checkpoint the SIGTERM stop saved"
+        assert cluster.steps_after_start(1)[0] == resumed + 1
+        assert node_a.proc.poll() is None, "node A's torchrun must still be running"
+    finally:
+        for agent in cluster.started:
+            agent.kill_all()
