@@ -38,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     handlers.OPTIONS.metrics_port = args.metrics_port
     kopf.configure(verbose=args.verbose)
     logging.getLogger("kubernetes").setLevel(logging.WARNING)
+    if not args.verbose:  # one INFO line per handler call costs more than the reconcile itself
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+        logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     kopf.run(
         clusterwide=not args.namespace,
         namespaces=args.namespace,

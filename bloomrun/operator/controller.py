@@ -125,14 +125,19 @@ class Controller:
         self.kube.post_event(body, "Warning", "InvalidSpec", message)
         log.warning("%s/%s: invalid spec: %s", meta["namespace"], meta["name"], message)
 
-    def requeue(self, namespace: str, name: str, delay: float) -> None:
-        """Reconcile again after `delay` (backoff ends, conflicts); the timer is the safety net."""
+    def requeue(self, namespace: str, name: str, delay: float, keep_earlier: bool = False) -> None:
+        """Reconcile again after `delay` (backoff ends, conflicts, event bursts); the timer
+        is the safety net. With keep_earlier, a reconcile already due sooner is left as is."""
         key = (namespace, name)
+        due = time.monotonic() + max(delay, 0.05)
         with self._locks_guard:
             previous = self._timers.get(key)
             if previous and previous.is_alive():
+                if keep_earlier and previous.due <= due:  # type: ignore[attr-defined]
+                    return
                 previous.cancel()
             timer = threading.Timer(max(delay, 0.05), self._safe_reconcile, args=key)
+            timer.due = due  # type: ignore[attr-defined]
             timer.daemon = True
             self._timers[key] = timer
             timer.start()

@@ -282,9 +282,28 @@ def worker_pod_spec(run: Run) -> dict:
     return pod_spec
 
 
+_HASHES: dict[tuple[str, str], str] = {}
+
+
+def _memoised(kind: str, run: Run, compute) -> str:
+    # Every reconcile asks and the answer changes only with the spec: keyed on the run's
+    # identity and spec, so these stay pure functions of `run`.
+    key = (kind, f"{run.namespace}/{run.name}/{run.uid}/{run.spec.model_dump_json()}")
+    if key not in _HASHES:
+        if len(_HASHES) > 4096:
+            _HASHES.clear()
+        _HASHES[key] = compute()
+    return _HASHES[key]
+
+
 def template_hash(run: Run) -> str:
     """Changes exactly when the workers must be recreated to pick up a spec change."""
-    return content_hash([worker_pod_spec(run), desired_config_map(run)["data"]])
+    return _memoised("template", run, lambda: content_hash([worker_pod_spec(run), desired_config_map(run)["data"]]))
+
+
+def infra_hash(run: Run) -> str:
+    """Changes exactly when the Service, ConfigMap or RBAC must be applied again."""
+    return _memoised("infra", run, lambda: content_hash(desired_infra(run)))
 
 
 def desired_worker(run: Run, index: int) -> dict:

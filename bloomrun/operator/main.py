@@ -98,6 +98,15 @@ def run_timer(namespace, name, memo, worker_pods, node_names, **_) -> None:
     _reconcile(memo, namespace, name, worker_pods, node_names)
 
 
+# Pod events come in bursts (a 64-node run's pods are created, bound and started within a
+# second): each schedules one reconcile of the run shortly after, so a burst costs one.
+POD_EVENT_DEBOUNCE_S = 0.2
+
+
 @kopf.on.event("pods", labels=WORKERS)
 def worker_changed(namespace, labels, memo, worker_pods, node_names, **_) -> None:
-    _reconcile(memo, namespace, labels[RUN_LABEL], worker_pods, node_names)
+    controller: Controller = memo.controller
+    if controller.pods_source is None:
+        _reconcile(memo, namespace, labels[RUN_LABEL], worker_pods, node_names)
+    else:
+        controller.requeue(namespace, labels[RUN_LABEL], POD_EVENT_DEBOUNCE_S, keep_earlier=True)

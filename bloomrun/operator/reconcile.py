@@ -177,10 +177,9 @@ def plan(run: desired.Run, status: BloomRunStatus, pods: list[PodView], now: dat
     template = desired.template_hash(run)
 
     # Children other than pods: applied when the spec they derive from changed.
-    infra = desired.desired_infra(run)
-    infra_hash = desired.content_hash(infra)
+    infra_hash = desired.infra_hash(run)
     if new.infra_hash != infra_hash or not infra_present:
-        out.infra = ApplyInfra(infra, infra_hash)
+        out.infra = ApplyInfra(desired.desired_infra(run), infra_hash)
         new.infra_hash = infra_hash
 
     _account_gpu_hours(new, spec.gpus_per_node, now)
