@@ -3,7 +3,13 @@ validation, Pod Security admission and RBAC all come from Kubernetes itself, and
 fixture's fault levers behave as a kubelet-backed cluster would."""
 
 import json
+import os
+import re
+import shutil
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 from kubernetes import client
@@ -280,3 +286,34 @@ def test_created_pvc_is_bound_and_a_pod_using_it_runs(cluster, core, namespace):
     pod["spec"]["containers"][0]["volumeMounts"] = [{"name": "ckpt", "mountPath": "/ckpt"}]
     core.create_namespaced_pod(namespace, pod)
     running(cluster, namespace, "with-volume")
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and text in (entry / "cmdline").read_text(errors="replace"):
+                found.append(int(entry.name))
+        except OSError:
+            continue  # exited while we looked
+    return found
+
+
+def test_a_failing_session_stops_every_process_and_keeps_the_logs(tmp_path):
+    inner = tmp_path / "test_inner.py"
+    inner.write_text("def test_fails(cluster):\n"
+                     "    print('STATE', cluster.layout.root)\n"
+                     "    assert False\n")
+    repo = Path(__file__).resolve().parents[2]
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider",
+         "-p", "tests.cluster.fixture", str(inner)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(repo)})
+    assert result.returncode == 1, result.stdout + result.stderr
+    root = re.search(r"STATE (\S+)", result.stdout).group(1)
+    try:
+        assert _processes_mentioning(root) == []
+        assert "--secure-port" in (Path(root) / "logs" / "kube-apiserver.log").read_text()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
