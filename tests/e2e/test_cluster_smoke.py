@@ -76,9 +76,10 @@ def test_scheduler_binds_a_full_node_gpu_pod_to_the_80gb_pool(cluster, core, nam
     pod = running(cluster, namespace, "full-node")
     node = core.read_node(pod.spec.node_name)
     assert node.metadata.labels["nvidia.com/gpu.product"] == "NVIDIA-A100-SXM4-80GB"
-    events = core.list_namespaced_event(
-        namespace, field_selector="involvedObject.name=full-node,reason=Scheduled").items
-    assert events and events[0].reporting_component == "default-scheduler"
+    events = cluster.wait(lambda: core.list_namespaced_event(
+        namespace, field_selector="involvedObject.name=full-node,reason=Scheduled").items,
+        10, "the scheduler's Scheduled event")  # events are written asynchronously
+    assert events[0].reporting_component == "default-scheduler"
 
 
 def test_pod_asking_more_gpus_than_a_node_has_stays_pending_with_the_reason(
