@@ -2,8 +2,8 @@
 
 create, update (spec), resume, a timer, and events of the run's pods all call
 `Controller.reconcile`, which reads the run fresh, plans (reconcile.py, pure) and applies
-the plan (kube.py). Pods and nodes are observed through kopf indexes fed by watches, so a
-reconcile lists nothing. State lives in the API server only (status, annotations), so any
+the plan (kube.py). Pods are observed through a kopf index fed by a watch, so a reconcile
+lists no pods. State lives in the API server only (status, annotations), so any
 replica can take over: replicas coordinate through kopf peering.
 """
 
@@ -59,16 +59,10 @@ def worker_pods(namespace, labels, body, **_):
     return {(namespace, labels[RUN_LABEL]): PodView.from_body(body)}
 
 
-@kopf.index("nodes")
-def node_names(name, **_):
-    return {"all": name}
-
-
-def _reconcile(memo: kopf.Memo, namespace: str, name: str, worker_pods: kopf.Index, node_names: kopf.Index) -> None:
+def _reconcile(memo: kopf.Memo, namespace: str, name: str, worker_pods: kopf.Index) -> None:
     controller: Controller = memo.controller
-    if controller.pods_source is None:  # the indexes are live views: hand them over once
+    if controller.pods_source is None:  # the index is a live view: hand it over once
         controller.pods_source = lambda ns, run: _snapshot(worker_pods, (ns, run))
-        controller.nodes_source = lambda: set(_snapshot(node_names, "all")) or None
     try:
         controller.reconcile(namespace, name)
     except ApiError as err:
@@ -89,13 +83,13 @@ def _snapshot(index: kopf.Index, key) -> list:
 @kopf.on.resume(GROUP, VERSION, PLURAL)
 @kopf.on.create(GROUP, VERSION, PLURAL)
 @kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
-def run_changed(namespace, name, memo, worker_pods, node_names, **_) -> None:
-    _reconcile(memo, namespace, name, worker_pods, node_names)
+def run_changed(namespace, name, memo, worker_pods, **_) -> None:
+    _reconcile(memo, namespace, name, worker_pods)
 
 
 @kopf.timer(GROUP, VERSION, PLURAL, interval=OPTIONS.timer_interval_s, initial_delay=OPTIONS.timer_interval_s)
-def run_timer(namespace, name, memo, worker_pods, node_names, **_) -> None:
-    _reconcile(memo, namespace, name, worker_pods, node_names)
+def run_timer(namespace, name, memo, worker_pods, **_) -> None:
+    _reconcile(memo, namespace, name, worker_pods)
 
 
 # Pod events come in bursts (a 64-node run's pods are created, bound and started within a
@@ -104,9 +98,9 @@ POD_EVENT_DEBOUNCE_S = 0.2
 
 
 @kopf.on.event("pods", labels=WORKERS)
-def worker_changed(namespace, labels, memo, worker_pods, node_names, **_) -> None:
+def worker_changed(namespace, labels, memo, worker_pods, **_) -> None:
     controller: Controller = memo.controller
     if controller.pods_source is None:
-        _reconcile(memo, namespace, labels[RUN_LABEL], worker_pods, node_names)
+        _reconcile(memo, namespace, labels[RUN_LABEL], worker_pods)
     else:
         controller.requeue(namespace, labels[RUN_LABEL], POD_EVENT_DEBOUNCE_S, keep_earlier=True)
