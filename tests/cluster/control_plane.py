@@ -8,6 +8,7 @@ import os
 import shutil
 import ssl
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
@@ -81,15 +82,24 @@ class Cluster(Levers):
         self.start_seconds = time.monotonic() - began
         return self
 
-    def stop(self, keep_state: bool = False) -> None:
+    def stop(self, keep_state: bool = False, keep_logs: bool = False) -> None:
+        """Stops every process; deletes the state folder unless `keep_state`, or all of it
+        but logs, certificates and kubeconfigs with `keep_logs` (etcd's write-ahead log
+        alone preallocates 64 MB)."""
         for handle in self._prometheus:
             handle.stop()
         for child in self._spawned:
             child.stop()
         for child in reversed(list(self._children.values())):
             child.stop(grace=_STOP_GRACE)
-        if not keep_state:
+        if keep_state:
+            return
+        if not keep_logs:
             shutil.rmtree(self.layout.root, ignore_errors=True)
+            return
+        shutil.rmtree(self.layout.root / "etcd", ignore_errors=True)
+        for data in self.layout.root.glob("prometheus-*/data"):
+            shutil.rmtree(data, ignore_errors=True)
 
     def _spawn(self, name: str, argv_of) -> Child:
         child = Child(name, argv_of(self.layout, self.ports), self.layout.logs / f"{name}.log")
@@ -242,5 +252,7 @@ def start_cluster(root: Path | None = None) -> Cluster:
     try:
         return cluster.start()
     except BaseException:
-        cluster.stop(keep_state=True)
+        cluster.stop(keep_logs=True)
+        print(f"the test cluster failed to start; logs in {cluster.layout.logs}",
+              file=sys.stderr)
         raise

@@ -1,8 +1,8 @@
 """pytest plugin: the session-scoped `cluster` fixture (listed in tests/conftest.py).
 
-The cluster starts on first use only, so test runs that need none pay nothing. Its state
-stays on disk after a failing session (the path is printed) and is deleted otherwise.
-BLOOMRUN_KEEP_CLUSTER=1 keeps it always.
+The cluster starts on first use only, so test runs that need none pay nothing. After a
+failing session its logs stay on disk (the path is printed); otherwise its folder is
+deleted. BLOOMRUN_KEEP_CLUSTER=1 keeps all of it, etcd's data included.
 """
 
 import os
@@ -19,8 +19,8 @@ def cluster(request) -> Cluster:
     print(f"\ntest cluster up in {running.start_seconds:.1f} s at {running.server} "
           f"(state in {running.layout.root})", file=sys.stderr)
     yield running
-    failed = request.session.testsfailed > 0
-    keep = failed or os.environ.get("BLOOMRUN_KEEP_CLUSTER") == "1"
-    running.stop(keep_state=keep)
-    if keep:
-        print(f"\ntest cluster state and logs kept in {running.layout.root}", file=sys.stderr)
+    keep_state = os.environ.get("BLOOMRUN_KEEP_CLUSTER") == "1"
+    keep_logs = request.session.testsfailed > 0
+    running.stop(keep_state=keep_state, keep_logs=keep_logs)
+    if keep_state or keep_logs:
+        print(f"\ntest cluster logs kept in {running.layout.logs}", file=sys.stderr)
