@@ -25,7 +25,7 @@ from tests.cluster.components import Layout, Ports
 from tests.cluster.levers import Levers
 from tests.cluster.nodes import initial_nodes, node_manifest, schedulable
 from tests.cluster.pki import CLIENTS, make_pki
-from tests.cluster.processes import Child, free_port, wait_until
+from tests.cluster.processes import Child, free_ports, wait_until
 from tests.cluster.prometheus import Prometheus
 
 # kube-apiserver stops listening within milliseconds of SIGTERM but then lingers for tens of
@@ -46,7 +46,7 @@ class Cluster(Levers):
         self.layout = Layout(root=root, bin=bin_dir)
         self.bin_dir = bin_dir
         self.kubeconfig = str(self.layout.kubeconfig("admin"))
-        self.ports = Ports(*(free_port() for _ in Ports.__dataclass_fields__))
+        self.ports = Ports(*free_ports(len(Ports.__dataclass_fields__)))
         self.server = f"https://127.0.0.1:{self.ports.apiserver}"
         self.start_seconds: float | None = None
         self._children: dict[str, Child] = {}
@@ -247,12 +247,22 @@ def _healthy(port: int) -> bool:
 
 
 def start_cluster(root: Path | None = None) -> Cluster:
-    """Builds the binaries if needed and starts a cluster; stops it again if start fails."""
-    cluster = Cluster(ensure_built(), root)
-    try:
-        return cluster.start()
-    except BaseException:
-        cluster.stop(keep_logs=True)
-        print(f"the test cluster failed to start; logs in {cluster.layout.logs}",
-              file=sys.stderr)
-        raise
+    """Builds the binaries if needed and starts a cluster; stops it again if start fails.
+    A port taken by someone else between choosing and binding it gets one more try on
+    fresh ports."""
+    bin_dir = ensure_built()
+    for attempt in (1, 2):
+        cluster = Cluster(bin_dir, root)
+        try:
+            return cluster.start()
+        except Exception as error:
+            cluster.stop(keep_logs=True)
+            if attempt == 1 and "address already in use" in str(error):
+                continue
+            print(f"the test cluster failed to start; logs in {cluster.layout.logs}",
+                  file=sys.stderr)
+            raise
+        except BaseException:
+            cluster.stop(keep_logs=True)
+            raise
+    raise AssertionError("unreachable")
