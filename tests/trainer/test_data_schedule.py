@@ -36,9 +36,9 @@ def test_no_rampup_is_the_global_batch():
 
 
 def test_rampup_increment_must_divide_the_span():
-    cfg = training(globalBatchSize=24, microBatchSize=1, rampup={"start": 5, "increment": 4, "samples": 10})
+    # Refused when the config is read, before any schedule is computed.
     with pytest.raises(ValueError, match=r"globalBatchSize - start \(19\) must be a multiple of increment \(4\)"):
-        global_batch_size_at(0, cfg)
+        training(globalBatchSize=24, microBatchSize=1, rampup={"start": 5, "increment": 4, "samples": 10})
 
 
 def test_consumed_samples_and_steps_agree_with_the_ramp():
