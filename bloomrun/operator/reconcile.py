@@ -257,6 +257,18 @@ def plan(run: desired.Run, status: BloomRunStatus, pods: list[PodView], now: dat
             deleting_names.add(pod.name)
     live = [p for p in live if p.name not in deleting_names]
 
+    # worker-0 hosts the rendezvous (its stable name is the endpoint): if it cannot be placed
+    # while others run, the survivors can never re-rendezvous. Give it the node of the
+    # highest-index running worker, which is recreated and waits instead.
+    host = next((p for p in live if p.index == 0), None)
+    movers = sorted((p for p in live if p.index > 0 and p.phase == "Running"), key=lambda p: p.index)
+    if host and host.unschedulable and host.phase == "Pending" and movers and not terminal:
+        mover = movers[-1]
+        out.deletes.append(DeletePod(mover.name, mover.uid, "RendezvousHostMoved"))
+        out.events.append(Event("Normal", "RendezvousHostMoved",
+                                f"{mover.name} makes room for {host.name}, which hosts the rendezvous"))
+        live = [p for p in live if p.name != mover.name]
+
     # Missing workers: created once the backoff has passed and the old pod is gone.
     backoff_until = parse_time(new.backoff_until)
     waiting = backoff_until is not None and backoff_until > now

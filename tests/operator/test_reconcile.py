@@ -205,3 +205,14 @@ def test_pods_of_an_earlier_run_with_the_same_name_are_not_adopted(run):
                   exit_code=1, owner_uid="previous-run-uid")
     result, status = step(run, BloomRunStatus(), [old])
     assert status.phase != "Failed" and status.restarts == 0 and not result.deletes
+
+
+def test_an_unschedulable_rendezvous_host_takes_the_node_of_the_last_running_worker(run):
+    _, status = step(run, BloomRunStatus(), [])
+    host = pod(run, 0, "Pending", node=None, unschedulable="0/3 nodes are available", uid="new-0")
+    result, status = step(run, status, [host, pod(run, 1), pod(run, 2)])
+    assert [(d.name, d.reason) for d in result.deletes] == [("ablation-worker-2", "RendezvousHostMoved")]
+    assert status.restarts == 0
+    # Once worker-0 runs, nothing more moves.
+    result, _ = step(run, status, [pod(run, 0), pod(run, 1), pod(run, 2, "Pending", node=None, unschedulable="x")])
+    assert not result.deletes
