@@ -10,11 +10,12 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import psutil
 import yaml
+
+from tests.cluster.processes import wait_until  # noqa: F401  (re-exported for the elastic tests)
 
 REPO = Path(__file__).resolve().parents[2]
 BLOOMCTL = str(Path(sys.executable).parent / "bloomctl")
@@ -39,16 +40,6 @@ def tiny_manifest(tmp: Path, *, steps: int, every: int, name: str = "tiny") -> P
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(document))
     return path
-
-
-def wait_until(condition: Callable[[], object], timeout: float, what: str, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 class Started:
