@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     from bloomrun.operator import main as handlers
 
     handlers.OPTIONS.metrics_port = args.metrics_port
+    handlers.OPTIONS.namespaces = tuple(args.namespace)
     kopf.configure(verbose=args.verbose)
     logging.getLogger("kubernetes").setLevel(logging.WARNING)
     if not args.verbose:  # one INFO line per handler call costs more than the reconcile itself

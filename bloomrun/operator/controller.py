@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 
 from bloomrun.operator import reconcile as planner
 from bloomrun.operator.desired import Run
-from bloomrun.operator.kube import ApiError, Conflict, Kube
+from bloomrun.operator.kube import ApiError, Conflict, Kube, NamespaceTerminating
 from bloomrun.operator.metrics import OperatorMetrics
 from bloomrun.operator.reconcile import PodView
 from bloomrun.operator.spec import BloomRunStatus, ManifestError
@@ -66,6 +66,7 @@ class Controller:
         self._locks_guard = threading.Lock()
         self._timers: dict[tuple[str, str], threading.Timer] = {}
         self.pods_source = None  # callable (namespace, name) -> list[PodView]
+        self.infra_source = None  # callable (namespace, name) -> set[(kind, name)] of existing children
         self.nodes_source = NodeNames(kube)  # callable () -> set[str] | None
         self.executor = ThreadPoolExecutor(MAX_PARALLEL_REQUESTS, thread_name_prefix="reconcile")
         self.requests = ThreadPoolExecutor(MAX_PARALLEL_REQUESTS, thread_name_prefix="api")
@@ -80,6 +81,9 @@ class Controller:
             started = time.perf_counter()
             try:
                 self._reconcile(namespace, name)
+            except NamespaceTerminating:
+                log.debug("%s/%s: its namespace is being deleted; leaving it to the garbage collector",
+                          namespace, name)
             finally:
                 self.metrics.reconcile_seconds.observe(time.perf_counter() - started)
 
@@ -98,7 +102,8 @@ class Controller:
         pods = self.pods_source(namespace, name) if self.pods_source else [
             PodView.from_body(p) for p in self.kube.list_pods(namespace, f"bloomrun.io/run={name}")]
         nodes = self._known_nodes(pods)
-        plan = planner.plan(run, status, pods, now, known_nodes=nodes)
+        infra = self.infra_source(namespace, name) if self.infra_source else None
+        plan = planner.plan(run, status, pods, now, known_nodes=nodes, observed_infra=infra)
 
         if plan.infra:
             for obj in plan.infra.objects:

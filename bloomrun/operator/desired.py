@@ -160,6 +160,14 @@ def desired_infra(run: Run) -> list[dict]:
     return [*desired_rbac(run), desired_config_map(run), desired_service(run)]
 
 
+def infra_names(run: Run) -> set[tuple[str, str]]:
+    """(kind, name) of each object `desired_infra` builds, without building them (every
+    reconcile compares these with what the watches observe)."""
+    account = service_account_name(run)
+    return {("ServiceAccount", account), ("Role", account), ("RoleBinding", account),
+            ("ConfigMap", config_map_name(run)), ("Service", service_name(run))}
+
+
 def content_hash(objects: Any) -> str:
     return hashlib.sha256(json.dumps(objects, sort_keys=True).encode()).hexdigest()[:16]
 

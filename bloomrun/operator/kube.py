@@ -48,6 +48,15 @@ class Conflict(ApiError):
     """The object changed since it was read; plan again from a fresh read."""
 
 
+class NamespaceTerminating(ApiError):
+    """403 from the NamespaceLifecycle admission: the namespace is being deleted, and the run
+    with it. Not a refusal of our RBAC and nothing to retry: the garbage collector wins."""
+
+    @staticmethod
+    def matches(status: int, message: str) -> bool:
+        return status == 403 and "because it is being terminated" in message
+
+
 def object_path(kind: str, namespace: str, name: str | None = None) -> str:
     prefix, plural = PATHS[kind]
     path = f"{prefix}/namespaces/{namespace}/{plural}"
@@ -95,6 +104,8 @@ class Kube:
                 message = json.loads(data or b"{}").get("message", message)
             except ValueError:
                 pass
+            if NamespaceTerminating.matches(response.status, message):
+                raise NamespaceTerminating(response.status, message)
             if response.status not in (404, 409):
                 self.on_error(verb.lower())
             raise (Conflict if response.status == 409 else ApiError)(response.status, message)
@@ -191,5 +202,7 @@ class Kube:
         }
         try:
             self.request("POST", object_path("Event", meta["namespace"]), event)
+        except NamespaceTerminating:
+            pass  # the run goes with its namespace: nobody will read the event
         except ApiError as err:  # an event is a courtesy, never a reason to fail a reconcile
             log.warning("could not post event %s for %s/%s: %s", reason, meta["namespace"], meta["name"], err)

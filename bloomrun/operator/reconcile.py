@@ -19,12 +19,14 @@ from datetime import datetime, timedelta, timezone
 from bloomrun.operator import desired
 from bloomrun.operator.conditions import ConditionType as C
 from bloomrun.operator.conditions import set_condition
-from bloomrun.operator.spec import BloomRunStatus, Failure, GpuHours, NodeCounts
+from bloomrun.operator.spec import BloomRunStatus, Failure, GpuHours, NodeCounts, WorkerRef
 
 MAX_BACKOFF_S = 600
 HANDLED_FAILURES_KEPT = 64
 GPU_HOURS_WRITE_EVERY_S = 60  # accounting alone writes status at most once a minute
 PENDING_RECHECK_S = 10
+# A child applied this recently but not yet in the watch-fed view is in flight, not deleted.
+INFRA_SETTLE_S = 5
 
 # Failure classes (the `reason` label of bloomrun_operator_restarts_total).
 RETRYABLE_EXIT = "RetryableExitCode"
@@ -33,7 +35,8 @@ OOM_KILLED = "OOMKilled"
 EVICTED = "Evicted"
 NODE_LOST = "NodeLost"
 UNKNOWN = "Unknown"
-RETRYABLE_CLASSES = {RETRYABLE_EXIT, OOM_KILLED, EVICTED, NODE_LOST, UNKNOWN}
+POD_LOST = "PodLost"  # gone without a failure the operator saw: deleted by hand, node GC
+RETRYABLE_CLASSES = {RETRYABLE_EXIT, OOM_KILLED, EVICTED, NODE_LOST, UNKNOWN, POD_LOST}
 BUDGET_SPENT = "GPUHourBudgetSpent"
 INVALID_SPEC = "InvalidSpec"
 
@@ -162,8 +165,9 @@ def backoff_seconds(base: int, restarts: int) -> float:
 
 
 def plan(run: desired.Run, status: BloomRunStatus, pods: list[PodView], now: datetime,
-         known_nodes: set[str] | None = None, infra_present: bool = True) -> Plan:
-    """Decide what to do next. `known_nodes` None means node existence is unknown."""
+         known_nodes: set[str] | None = None, observed_infra: set[tuple[str, str]] | None = None) -> Plan:
+    """Decide what to do next. `known_nodes` None means node existence is unknown;
+    `observed_infra` is the (kind, name) of the run's non-pod children that exist (None: unknown)."""
     spec = run.spec
     before = status.model_dump()
     new = status.model_copy(deep=True)
@@ -176,11 +180,16 @@ def plan(run: desired.Run, status: BloomRunStatus, pods: list[PodView], now: dat
     desired_count = 0 if spec.suspend else spec.nodes.max
     template = desired.template_hash(run)
 
-    # Children other than pods: applied when the spec they derive from changed.
+    # Children other than pods: applied when the spec they derive from changed, or when one
+    # is missing (deleted by hand): level-based like the pods.
     infra_hash = desired.infra_hash(run)
-    if new.infra_hash != infra_hash or not infra_present:
+    missing = _missing_infra(run, new, observed_infra, now)
+    if new.infra_hash != infra_hash or missing:
         out.infra = ApplyInfra(desired.desired_infra(run), infra_hash)
-        new.infra_hash = infra_hash
+        new.infra_hash, new.infra_applied_at = infra_hash, stamp
+        if missing:
+            out.events.append(Event("Warning", "ChildrenRecreated",
+                                    "recreating missing " + ", ".join(f"{k} {n}" for k, n in sorted(missing))))
 
     _account_gpu_hours(new, spec.gpus_per_node, now)
     if new.phase == "Failed" and _reason_of(new, "Failed") == INVALID_SPEC:
@@ -195,27 +204,17 @@ def plan(run: desired.Run, status: BloomRunStatus, pods: list[PodView], now: dat
         out.deletes.append(DeletePod(pod.name, pod.uid, failure, force=failure == NODE_LOST))
         if pod.uid in new.handled_failures or terminal or new.stopping:
             continue
-        new.handled_failures = [*new.handled_failures, pod.uid][-HANDLED_FAILURES_KEPT:]
-        new.last_failure = Failure(pod=pod.name, pod_uid=pod.uid, reason=failure, exit_code=pod.exit_code,
-                                   message=pod.message[:512], time=stamp)
-        detail = f"worker {pod.name} failed: {failure}" + (
-            f" (exit code {pod.exit_code})" if pod.exit_code is not None else "")
-        if failure == PERMANENT_EXIT:
-            _finish(new, out, "Failed", PERMANENT_EXIT, detail + "; not retryable", stamp)
-            terminal = True
+        terminal = _count_failure(new, out, spec, pod.name, pod.uid, failure, pod.exit_code, pod.message, now)
+
+    # Workers the operator saw and did not delete, now gone: someone deleted them, or the node
+    # GC did while the operator was down. Pods the operator deletes leave `workers` in the same
+    # status write that precedes the delete, so they are never counted here.
+    present = {p.uid for p in pods}
+    for ref in new.workers:
+        if ref.uid in present or ref.uid in new.handled_failures or terminal or new.stopping or spec.suspend:
             continue
-        new.restarts += 1
-        new.restarts_by_reason = {**new.restarts_by_reason, failure: new.restarts_by_reason.get(failure, 0) + 1}
-        out.restart_reasons.append(failure)
-        if new.restarts > spec.restart_policy.max_restarts:
-            _finish(new, out, "Failed", "RestartLimitExceeded",
-                    f"{detail}; restart {new.restarts} exceeds maxRestarts {spec.restart_policy.max_restarts}", stamp)
-            terminal = True
-            continue
-        delay = backoff_seconds(spec.restart_policy.backoff_seconds, new.restarts)
-        new.backoff_until = rfc3339(now + timedelta(seconds=delay))
-        out.events.append(Event("Warning", "WorkerFailed", f"{detail}; replacing it in {delay:.0f}s "
-                                f"(restart {new.restarts} of {spec.restart_policy.max_restarts})"))
+        terminal = _count_failure(new, out, spec, ref.name, ref.uid, POD_LOST, None,
+                                  "the pod is gone, deleted by someone other than the operator", now)
 
     finished = next((p for p in pods if p.phase == "Succeeded" and not p.deleting), None)
     if finished and not terminal:
@@ -281,10 +280,55 @@ def plan(run: desired.Run, status: BloomRunStatus, pods: list[PodView], now: dat
         out.requeue_after = (backoff_until - now).total_seconds()
 
     _set_phase(run, new, out, live, pods, now, stamp, terminal, waiting)
+    new.workers = _workers_to_watch(pods, status, out.deletes)
     out.status_changed = _material_change(before, new.model_dump(), now, status)
     if not out.status_changed:
         out.status = status  # do not advance the GPU-hour accounting without writing it
     return out
+
+
+def _count_failure(new: BloomRunStatus, out: Plan, spec, pod_name: str, uid: str, failure: str,
+                   exit_code: int | None, message: str, now: datetime) -> bool:
+    """Record one failure (restart, budget, backoff, event); True when it ends the run."""
+    stamp = rfc3339(now)
+    new.handled_failures = [*new.handled_failures, uid][-HANDLED_FAILURES_KEPT:]
+    new.last_failure = Failure(pod=pod_name, pod_uid=uid, reason=failure, exit_code=exit_code,
+                               message=message[:512], time=stamp)
+    detail = f"worker {pod_name} failed: {failure}" + (f" (exit code {exit_code})" if exit_code is not None else "")
+    if failure == PERMANENT_EXIT:
+        _finish(new, out, "Failed", PERMANENT_EXIT, detail + "; not retryable", stamp)
+        return True
+    new.restarts += 1
+    new.restarts_by_reason = {**new.restarts_by_reason, failure: new.restarts_by_reason.get(failure, 0) + 1}
+    out.restart_reasons.append(failure)
+    if new.restarts > spec.restart_policy.max_restarts:
+        _finish(new, out, "Failed", "RestartLimitExceeded",
+                f"{detail}; restart {new.restarts} exceeds maxRestarts {spec.restart_policy.max_restarts}", stamp)
+        return True
+    delay = backoff_seconds(spec.restart_policy.backoff_seconds, new.restarts)
+    new.backoff_until = rfc3339(now + timedelta(seconds=delay))
+    out.events.append(Event("Warning", "WorkerFailed", f"{detail}; replacing it in {delay:.0f}s "
+                            f"(restart {new.restarts} of {spec.restart_policy.max_restarts})"))
+    return False
+
+
+def _missing_infra(run: desired.Run, status: BloomRunStatus, observed: set[tuple[str, str]] | None,
+                   now: datetime) -> set[tuple[str, str]]:
+    applied = parse_time(status.infra_applied_at)
+    if observed is None or status.infra_hash is None or (
+            applied is not None and (now - applied).total_seconds() < INFRA_SETTLE_S):
+        return set()
+    return desired.infra_names(run) - observed
+
+
+def _workers_to_watch(pods: list[PodView], old: BloomRunStatus, deletes: list[DeletePod]) -> list[WorkerRef]:
+    """Pods whose disappearance would be a loss: observed, not deleted by this plan, and not
+    already being deleted unless that deletion is someone else's (they were watched before)."""
+    ours = {d.uid for d in deletes}
+    watched = {ref.uid for ref in old.workers}
+    return [WorkerRef(name=p.name, uid=p.uid) for p in sorted(pods, key=lambda p: p.index)
+            if p.uid not in ours and (not p.deleting or p.uid in watched)
+            and p.phase in ("Pending", "Running", "Unknown")]
 
 
 def _account_gpu_hours(status: BloomRunStatus, gpus_per_node: int, now: datetime) -> None:

@@ -334,6 +334,11 @@ class Failure(Status):
     time: str
 
 
+class WorkerRef(Status):
+    name: str
+    uid: str
+
+
 class BloomRunStatus(Status):
     phase: Phase | None = None
     message: str = ""
@@ -345,6 +350,10 @@ class BloomRunStatus(Status):
     last_failure: Failure | None = None
     handled_failures: list[str] = []
     """UIDs of failed pods already counted, so a retried reconcile never counts one twice."""
+    workers: list[WorkerRef] = []
+    """Worker pods seen at the last status write and not deleted by the operator: one that is
+    later gone without the operator deleting it (by hand, node GC while the operator was
+    down) is counted as a restart (PodLost)."""
     backoff_until: str | None = None
     stopping: str | None = None
     """Why the workers are being stopped on purpose (e.g. GPUHourBudgetSpent): not a failure."""
@@ -357,6 +366,8 @@ class BloomRunStatus(Status):
     completion_time: str | None = None
     infra_hash: str | None = None
     """Hash of the Service/ConfigMap/RBAC last applied."""
+    infra_applied_at: str | None = None
+    """When they were last applied: a child missing from the watch soon after is not yet seen, not gone."""
 
 
 # --------------------------------------------------------------------------- resource

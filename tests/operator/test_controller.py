@@ -4,7 +4,7 @@ import copy
 
 from bloomrun.operator import desired
 from bloomrun.operator.controller import Controller
-from bloomrun.operator.kube import Conflict
+from bloomrun.operator.kube import Conflict, NamespaceTerminating
 from bloomrun.operator.metrics import OperatorMetrics
 from bloomrun.operator.reconcile import PodView
 
@@ -86,3 +86,39 @@ def test_a_pod_on_a_node_missing_from_the_index_is_checked_before_calling_it_los
     controller_for(kube, [pod]).reconcile("team-a", "ablation")
     assert ("delete", "ablation-worker-0") not in kube.calls
     assert kube.body["status"]["restarts"] == 0
+
+
+def test_children_are_applied_again_only_when_the_watches_miss_one():
+    kube = FakeKube(run_body())
+    controller = controller_for(kube)
+    run = desired.Run.from_body(kube.body)
+    existing = set(desired.infra_names(run))
+    controller.infra_source = lambda ns, name: existing
+    controller.reconcile("team-a", "ablation")
+    kube.body["status"]["infraAppliedAt"] = "2026-01-01T00:00:00Z"  # long settled
+    kube.calls.clear()
+    controller.reconcile("team-a", "ablation")
+    assert not [c for c in kube.calls if c[0] == "apply"]  # the steady state: no apply call
+    existing.discard(("ConfigMap", "ablation-config"))
+    controller.reconcile("team-a", "ablation")
+    assert [c for c in kube.calls if c[0] == "apply"] == [("apply", k) for k in (
+        "ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Service")]
+
+
+def test_a_namespace_being_deleted_ends_the_reconcile_quietly():
+    class Terminating(FakeKube):
+        def apply(self, obj):
+            raise NamespaceTerminating(403, "unable to create new content in namespace team-a "
+                                            "because it is being terminated")
+    kube = Terminating(run_body())
+    controller_for(kube).reconcile("team-a", "ablation")  # no exception, nothing else attempted
+    assert kube.calls == []
+    assert NamespaceTerminating.matches(403, "... because it is being terminated")
+    assert not NamespaceTerminating.matches(403, 'pods is forbidden: User "x" cannot create')
+
+
+def test_exact_namespaces_turn_kopfs_cluster_wide_scanning_off():
+    from bloomrun.operator.main import needs_scanning
+    assert not needs_scanning(("team-a", "team-b"))  # no list/watch of CRDs or namespaces needed
+    assert needs_scanning(())  # cluster-wide
+    assert needs_scanning(("br-*",)) and needs_scanning(("!kube-system",))  # patterns need the namespace list

@@ -88,3 +88,7 @@ def test_template_hash_changes_with_the_pod_spec_but_not_with_suspend():
 def test_queue_label_for_kueue():
     pod = desired.desired_worker(make_run(queue="research"), 0)
     assert pod["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "research"
+
+
+def test_infra_names_are_the_names_of_what_desired_infra_builds(run):
+    assert desired.infra_names(run) == {(o["kind"], o["metadata"]["name"]) for o in desired.desired_infra(run)}

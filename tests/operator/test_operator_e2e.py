@@ -14,6 +14,7 @@ import urllib.request
 
 import pytest
 import yaml
+from kubernetes import client
 
 from bloomrun.operator.spec import GROUP, PLURAL, VERSION
 from bloomrun.trainer.progress import ProgressReporter
@@ -91,6 +92,50 @@ def test_a_retryable_failure_is_replaced_and_counted_once(runs, operator, cluste
     assert "WorkerFailed" in {e.reason for e in runs.events("retry")}
     assert 'bloomrun_operator_restarts_total{namespace="%s",reason="RetryableExitCode",run="retry"} 1.0' % (
         runs.namespace) in operator.metrics()
+
+
+def test_children_deleted_by_hand_come_back(runs, operator):
+    nodes = runs.add_nodes(1)
+    runs.create(runs.manifest("mended", nodes, 1, 1))
+    runs.wait_phase("mended", "Running")
+    core, ns = runs.core, runs.namespace
+    config_uid = core.read_namespaced_config_map("mended-config", ns).metadata.uid
+    service_uid = core.read_namespaced_service("mended", ns).metadata.uid
+    core.delete_namespaced_config_map("mended-config", ns)
+    core.delete_namespaced_service("mended", ns)
+
+    def recreated(read, name, old_uid):
+        try:
+            return read(name, ns).metadata.uid != old_uid
+        except client.ApiException as err:
+            if err.status == 404:
+                return False
+            raise
+    # The spec did not change: only seeing the children gone brings them back.
+    wait_for(lambda: recreated(core.read_namespaced_config_map, "mended-config", config_uid)
+             and recreated(core.read_namespaced_service, "mended", service_uid), 30, "the children to come back")
+    assert core.read_namespaced_service("mended", ns).spec.cluster_ip == "None"
+    wait_for(lambda: "ChildrenRecreated" in {e.reason for e in runs.events("mended")}, 10, "the event")
+    assert runs.status("mended")["restarts"] == 0
+
+
+def test_a_worker_deleted_while_the_operator_is_down_is_replaced_and_counted(runs, operator):
+    nodes = runs.add_nodes(2)
+    runs.create(runs.manifest("orphaned", nodes, 2, 2))
+    runs.wait_phase("orphaned", "Running")
+    wait_for(lambda: len(runs.status("orphaned").get("workers", [])) == 2, 30, "both workers recorded")
+    victim = runs.core.read_namespaced_pod("orphaned-worker-1", runs.namespace).metadata.uid
+    operator.child.stop(grace=0.1)
+    try:
+        runs.core.delete_namespaced_pod("orphaned-worker-1", runs.namespace, grace_period_seconds=0)
+        wait_for(lambda: all(p.metadata.uid != victim for p in runs.pods("orphaned")), 30, "the pod to go")
+    finally:
+        operator.child.start()
+        operator.wait_live()
+    status = runs.wait_status("orphaned", lambda s: s.get("restarts") == 1, 30, "the loss to be counted")
+    assert status["restartsByReason"] == {"PodLost": 1} and status["lastFailure"]["podUid"] == victim
+    runs.wait_running_pods("orphaned", 2)
+    assert runs.status("orphaned")["restarts"] == 1
 
 
 def test_a_permanent_exit_code_fails_the_run(runs, operator, cluster):

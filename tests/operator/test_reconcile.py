@@ -59,8 +59,8 @@ def test_below_min_waits_in_pending_with_the_schedulers_reason(run):
 
 def test_a_retryable_failure_is_counted_once_and_replaced_after_backoff(run):
     _, status = step(run, BloomRunStatus(), [])
-    _, status = step(run, status, [pod(run, i) for i in range(3)])
-    failed = pod(run, 1, "Failed", exit_code=137, uid="dead-1")
+    _, status = step(run, status, [pod(run, 0), pod(run, 1, uid="dead-1"), pod(run, 2)])
+    failed = pod(run, 1, "Failed", exit_code=137, uid="dead-1")  # the same pod, now failed
     pods = [pod(run, 0), failed, pod(run, 2)]
     result, status = step(run, status, pods, now=T0 + timedelta(seconds=5))
     assert status.restarts == 1 and status.restarts_by_reason == {"RetryableExitCode": 1}
@@ -216,3 +216,90 @@ def test_an_unschedulable_rendezvous_host_takes_the_node_of_the_last_running_wor
     # Once worker-0 runs, nothing more moves.
     result, _ = step(run, status, [pod(run, 0), pod(run, 1), pod(run, 2, "Pending", node=None, unschedulable="x")])
     assert not result.deletes
+
+
+# ------------------------------------------------------- children deleted by hand
+
+
+def test_a_child_deleted_by_hand_is_applied_again_on_the_next_reconcile(run):
+    result, status = step(run, BloomRunStatus(), [])
+    every = {(o["kind"], o["metadata"]["name"]) for o in result.infra.objects}
+    pods = [pod(run, i) for i in range(3)]
+    later = T0 + timedelta(seconds=30)
+    # All there: nothing to apply (the steady state costs no apply call).
+    assert plan(run, status, pods, later, observed_infra=every).infra is None
+    # Someone deleted the ConfigMap and the headless Service: same spec, yet re-applied.
+    gone = every - {("ConfigMap", "ablation-config"), ("Service", "ablation")}
+    result = plan(run, status, pods, later, observed_infra=gone)
+    assert result.infra is not None
+    assert {(o["kind"], o["metadata"]["name"]) for o in result.infra.objects} == every
+    assert any(e.reason == "ChildrenRecreated" and "ConfigMap ablation-config" in e.message for e in result.events)
+    assert result.status_changed and result.status.infra_applied_at == "2026-11-26T12:00:30Z"
+
+
+def test_children_just_applied_but_not_yet_watched_are_not_applied_twice(run):
+    _, status = step(run, BloomRunStatus(), [])
+    soon = T0 + timedelta(seconds=1)  # the watch lags the apply by a moment
+    assert plan(run, status, [], soon, observed_infra=set()).infra is None
+    assert plan(run, status, [], T0 + timedelta(seconds=30), observed_infra=None).infra is None  # unknown
+
+
+# ------------------------------------------------ pods lost while nobody watched
+
+
+def test_a_pod_gone_while_the_operator_was_down_is_counted_once_and_replaced(run):
+    _, status = step(run, BloomRunStatus(), [])
+    _, status = step(run, status, [pod(run, i) for i in range(3)])
+    assert [w.uid for w in status.workers] == ["uid-0", "uid-1", "uid-2"]
+    survivors = [pod(run, 0), pod(run, 2)]  # worker-1 vanished without a trace
+    result, status = step(run, status, survivors, now=T0 + timedelta(seconds=5))
+    assert status.restarts == 1 and status.restarts_by_reason == {"PodLost": 1}
+    assert status.last_failure.pod == "ablation-worker-1" and result.restart_reasons == ["PodLost"]
+    assert [w.uid for w in status.workers] == ["uid-0", "uid-2"]
+    # The same observation again: no second count; the backoff (10 s) then the replacement.
+    result, status = step(run, status, survivors, now=T0 + timedelta(seconds=6))
+    assert status.restarts == 1 and not result.creates
+    result, status = step(run, status, survivors, now=T0 + timedelta(seconds=16))
+    assert [c.manifest["metadata"]["name"] for c in result.creates] == ["ablation-worker-1"]
+    assert status.restarts == 1
+
+
+def test_a_pod_someone_else_is_deleting_counts_once_it_is_gone(run):
+    _, status = step(run, BloomRunStatus(), [])
+    _, status = step(run, status, [pod(run, i) for i in range(3)])
+    _, status = step(run, status, [pod(run, 0), pod(run, 1, deleting=True), pod(run, 2)])
+    assert status.restarts == 0 and "uid-1" in [w.uid for w in status.workers]
+    _, status = step(run, status, [pod(run, 0), pod(run, 2)])
+    assert status.restarts_by_reason == {"PodLost": 1}
+
+
+def test_pods_the_operator_deleted_are_never_counted_when_gone():
+    run = make_run(nodes={"min": 1, "max": 2})
+    _, status = step(run, BloomRunStatus(), [])
+    _, status = step(run, status, [pod(run, 0), pod(run, 1)])
+    # Scale-down: worker-1 is ours to delete.
+    smaller = make_run(nodes={"min": 1, "max": 1}, generation=2)
+    result, status = step(smaller, status, [pod(smaller, 0, uid="uid-0"), pod(smaller, 1, uid="uid-1")])
+    assert [d.reason for d in result.deletes] == ["ScaledDown"] and [w.uid for w in status.workers] == ["uid-0"]
+    _, status = step(smaller, status, [pod(smaller, 0, uid="uid-0")])
+    # Suspend: both deletions ours, then the pods are gone.
+    suspended = make_run(nodes={"min": 1, "max": 1}, suspend=True, generation=3)
+    result, status = step(suspended, status, [pod(suspended, 0, uid="uid-0")])
+    assert [d.reason for d in result.deletes] == ["Suspended"] and not status.workers
+    _, status = step(suspended, status, [])
+    # A failure: counted as what it was, and not again as a loss when it is gone.
+    resumed = make_run(nodes={"min": 1, "max": 1}, generation=4)
+    _, status = step(resumed, status, [pod(resumed, 0, uid="new-0")])
+    _, status = step(resumed, status, [pod(resumed, 0, "Failed", exit_code=137, uid="new-0")])
+    _, status = step(resumed, status, [], now=T0 + timedelta(seconds=1))
+    assert status.restarts == 1 and status.restarts_by_reason == {"RetryableExitCode": 1}
+
+
+def test_a_pod_deleted_for_the_gpu_hour_budget_is_not_a_loss():
+    run = make_run(nodes={"min": 1, "max": 1}, budget={"gpuHours": 0.01})
+    _, status = step(run, BloomRunStatus(), [])
+    _, status = step(run, status, [pod(run, 0)])
+    result, status = step(run, status, [pod(run, 0)], now=T0 + timedelta(minutes=10))
+    assert status.stopping == "GPUHourBudgetSpent" and [d.uid for d in result.deletes] == ["uid-0"]
+    _, status = step(run, status, [], now=T0 + timedelta(minutes=11))
+    assert status.restarts == 0 and status.phase == "Succeeded"
