@@ -55,9 +55,11 @@ def start_trainer(folder: Path, metrics_port: int) -> Child:
     env = {**os.environ, "BLOOMRUN_RUN_NAME": TRAINED_RUN, "BLOOMRUN_METRICS_PORT_FILE": str(port_file),
            # A CPU has no datasheet peak; name one so MFU is a number, not NaN.
            "BLOOMRUN_PEAK_TFLOPS": "0.01",
-           # Step 11's batch (samples 80..87) gets a NaN loss, as corrupt data would; by
-           # then Prometheus has scraped the skipped-steps counter at 0.
-           "BLOOMRUN_POISON_SAMPLES": "80:88"}
+           # Step 201's batch (samples 1600..1607) gets a NaN loss, as corrupt data would.
+           # The alert's increase() needs a scrape of the skipped-steps counter at 0 first:
+           # step 11 (0.4 s into training) raced the 1 s scrapes on a loaded machine, while
+           # 200 steps take several seconds even when the tiny model runs at full speed.
+           "BLOOMRUN_POISON_SAMPLES": "1600:1608"}
     child = Child("trainer", [sys.executable, "-m", "bloomrun.trainer.train", "--config", str(config)],
                   folder / "trainer.log", env=env).start()
 
