@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import sys
-import time
 import urllib.request
 import uuid
 from pathlib import Path
@@ -19,6 +18,7 @@ from kubernetes import client
 
 from bloomrun.operator.spec import GROUP, PLURAL, VERSION
 from tests.cluster.processes import free_port
+from tests.cluster.processes import wait_until as wait_for  # the suite's one polling helper
 
 REPO = Path(__file__).resolve().parents[2]
 TIMER_S = 1.0
@@ -31,17 +31,6 @@ BASE_SPEC = {
     "gpusPerNode": 8,
     "restartPolicy": {"backoffSeconds": 1, "maxRestarts": 5},
 }
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.25):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})")
 
 
 class Operator:
