@@ -13,6 +13,7 @@ partition optimizer state, gradients and parameters as the manifest asks.
 from __future__ import annotations
 
 import datetime
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,6 +156,16 @@ class GuardedAdamW(torch.optim.AdamW):
             return None
         self.applied = True
         return super().step(closure)
+
+
+@torch.no_grad()
+def gradient_norm(model: torch.nn.Module) -> torch.Tensor:
+    """L2 norm of all of `model`'s gradients, before clipping; for unpartitioned (stage 0)
+    gradients, which DeepSpeed has already averaged over ranks at the boundary backward."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return torch.tensor(math.nan)
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainerConfig, world: World) -> GuardedAdamW:

@@ -134,6 +134,9 @@ class Trainer:
         self._bad_streak = 0
         self._bad_streak_start = 0
         self._stop_requested = False
+        # DeepSpeed records the global gradient norm only when ZeRO (1-3) computes it; under
+        # stage 0 it clips without keeping the norm, so the trainer measures it itself.
+        self._measure_grad_norm = parallel.zero_stage(cfg, world) == 0
         self._poison = parse_poison(os.environ.get(POISON_ENV))
         self._trace = os.environ.get(TRACE_ENV)
         self._last_progress: tuple[float | None, float | None] = (None, None)  # (loss, tokens/s)
@@ -218,6 +221,7 @@ class Trainer:
         self.engine.train()
         loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
         self.optimizer.applied = False
+        unclipped_norm = None
         for micro in micro_batches(indices, training.micro_batch_size):
             batch = torch.from_numpy(np.stack([self.samples[i] for i in micro])).to(self.device, non_blocking=True)
             loss = self.engine(batch[:, :-1], labels=batch[:, 1:])
@@ -227,6 +231,8 @@ class Trainer:
             loss_sum += loss.detach().float()
             # Read by GuardedAdamW at the boundary step: a non-finite loss skips the update.
             self.optimizer.bad_loss = ~torch.isfinite(loss_sum)
+            if self._measure_grad_norm and self.engine.is_gradient_accumulation_boundary():
+                unclipped_norm = parallel.gradient_norm(self.engine.module)
             self.engine.step()
         applied = self.optimizer.applied
 
@@ -239,7 +245,7 @@ class Trainer:
         ]))
         seconds = time.perf_counter() - start
         loss = float(agreed[0]) / (accumulation * self.world.world_size)
-        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = self.engine.get_global_grad_norm() if unclipped_norm is None else unclipped_norm
         grad_norm = float(grad_norm) if grad_norm is not None else math.nan
 
         self.state.step += 1
