@@ -26,6 +26,17 @@ def _block_rows() -> int:
     return 16 if interpreting() else 32
 
 
+@triton.jit
+def _load_gate_and_up(X, Bias, rows, cols, stride_x, half, mask, col_ok):
+    """The gate half a and the up half g of x + bias for a tile, in fp32 (both kernels)."""
+    gate_ptrs = X + rows[:, None] * stride_x + cols[None, :]
+    a = tl.load(gate_ptrs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(gate_ptrs + half, mask=mask, other=0.0).to(tl.float32)
+    a += tl.load(Bias + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    g += tl.load(Bias + half + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    return a, g
+
+
 @triton.autotune(configs=_tile_configs(), key=["half"])
 @triton.jit
 def _bias_swiglu_forward_kernel(
@@ -42,11 +53,7 @@ def _bias_swiglu_forward_kernel(
     cols = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
     col_ok = cols < half
     mask = (rows < n_rows)[:, None] & col_ok[None, :]
-    gate_ptrs = X + rows[:, None] * stride_x + cols[None, :]
-    a = tl.load(gate_ptrs, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(gate_ptrs + half, mask=mask, other=0.0).to(tl.float32)
-    a += tl.load(Bias + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    g += tl.load(Bias + half + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    a, g = _load_gate_and_up(X, Bias, rows, cols, stride_x, half, mask, col_ok)
     y = a * tl.sigmoid(a) * g
     tl.store(Y + rows[:, None] * half + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
 
@@ -71,11 +78,7 @@ def _bias_swiglu_backward_kernel(
     cols = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
     col_ok = cols < half
     mask = (rows < n_rows)[:, None] & col_ok[None, :]
-    gate_ptrs = X + rows[:, None] * stride_x + cols[None, :]
-    a = tl.load(gate_ptrs, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(gate_ptrs + half, mask=mask, other=0.0).to(tl.float32)
-    a += tl.load(Bias + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    g += tl.load(Bias + half + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    a, g = _load_gate_and_up(X, Bias, rows, cols, stride_x, half, mask, col_ok)
     dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     s = tl.sigmoid(a)
     silu = a * s
