@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -65,17 +64,8 @@ def running_operator(cluster, release: dict, log_dir: Path,
                   log_dir / f"operator-{release['release']}.log", env=env)
     child.start()
 
-    def healthy() -> bool:
-        if not child.alive():
-            raise RuntimeError(f"operator exited:\n{child.log_tail()}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{health_port}/healthz", timeout=2) as response:
-                return response.status == 200
-        except OSError:
-            return False
-
     try:
-        wait_until(healthy, 60, "operator /healthz")
+        child.wait_http_ok(f"http://127.0.0.1:{health_port}/healthz", 60, "operator /healthz")
         yield OperatorProcess(child, metrics_port)
     finally:
         child.stop()

@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 
 _PR_SET_PDEATHSIG = 1
@@ -62,6 +63,18 @@ class Child:
     def log_tail(self, lines: int = 30) -> str:
         text = self.log.read_text(errors="replace") if self.log.exists() else ""
         return "\n".join(text.splitlines()[-lines:])
+
+    def wait_http_ok(self, url: str, timeout: float, what: str) -> None:
+        """Waits until `url` answers 200; fails at once, with the log, if the program exits."""
+        def answering() -> bool:
+            if not self.alive():
+                raise RuntimeError(f"{self.name} exited:\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(url, timeout=2) as response:
+                    return response.status == 200
+            except OSError:
+                return False
+        wait_until(answering, timeout, what)
 
     def stop(self, grace: float = 10.0) -> None:
         if self.process is None:

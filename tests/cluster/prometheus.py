@@ -47,16 +47,7 @@ class Prometheus:
 
     def start(self) -> "Prometheus":
         self._child.start()
-
-        def ready() -> bool:
-            if not self._child.alive():
-                raise RuntimeError(f"prometheus exited:\n{self._child.log_tail()}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/-/ready", timeout=2) as response:
-                    return response.status == 200
-            except OSError:
-                return False
-        wait_until(ready, 30, "prometheus /-/ready")
+        self._child.wait_http_ok(f"{self.url}/-/ready", 30, "prometheus /-/ready")
         return self
 
     def _get(self, path: str, **params) -> dict:

@@ -47,14 +47,8 @@ class Operator:
         self.wait_live()
 
     def wait_live(self, timeout: float = 60) -> None:
-        def live():
-            assert self.child.alive(), f"operator exited:\n{self.child.log_tail()}"
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.liveness_port}/healthz", timeout=1):
-                    return True
-            except OSError:
-                return False
-        wait_for(live, timeout, "the operator's liveness endpoint")
+        self.child.wait_http_ok(f"http://127.0.0.1:{self.liveness_port}/healthz", timeout,
+                                "the operator's liveness endpoint")
 
     def restart(self, kill: bool = False) -> None:
         self.child.stop(grace=0.1 if kill else 10)
