@@ -122,14 +122,7 @@ class Cluster(Levers):
         context = ssl.create_default_context(cafile=str(pki.ca))
         context.load_cert_chain(*map(str, pki.client("admin")))
 
-        def ready() -> bool:
-            try:
-                with urllib.request.urlopen(f"{self.server}/readyz", context=context,
-                                            timeout=5) as response:
-                    return response.status == 200
-            except OSError:
-                return False
-        self.wait(ready, timeout, "kube-apiserver /readyz")
+        self.wait(lambda: _readyz(self.server, context), timeout, "kube-apiserver /readyz")
 
     def restart_apiserver(self) -> None:
         """Stops kube-apiserver and starts it again on the same port and etcd; returns once
@@ -236,14 +229,18 @@ def _exists(read) -> bool:
         raise
 
 
-def _healthy(port: int) -> bool:
-    context = ssl._create_unverified_context()  # the component's self-signed serving cert
+def _readyz(base_url: str, context: ssl.SSLContext) -> bool:
+    """Whether a component's /readyz answers 200 over TLS with `context`."""
     try:
-        with urllib.request.urlopen(f"https://127.0.0.1:{port}/readyz", context=context,
-                                    timeout=5) as response:
+        with urllib.request.urlopen(f"{base_url}/readyz", context=context, timeout=5) as response:
             return response.status == 200
     except OSError:
         return False
+
+
+def _healthy(port: int) -> bool:
+    # The component's self-signed serving cert: nothing to verify it against.
+    return _readyz(f"https://127.0.0.1:{port}", ssl._create_unverified_context())
 
 
 def start_cluster(root: Path | None = None) -> Cluster:
