@@ -8,7 +8,12 @@ from the head's slope and the two positions inside the kernel, never stored. Wit
 applied to q and k beforehand by `rotary.apply_rotary`).
 
 Forward: one program per (query block, batch*head) keeps a running max and sum in fp32
-(online softmax in base 2) and stores the log-sum-exp per row. Backward: a small kernel
+(online softmax in base 2) and stores the log-sum-exp per row. The ALiBi term enters as
+slope_h * (j - start of the query block): a per-key vector, one add per score, because the
+softmax cancels the per-row remainder slope_h * (i - block start); the stored log-sum-exp
+has that remainder taken back out, so the backward sees the true one. Taking positions
+relative to the block keeps the added values small (fp32 keeps its precision); the
+backward splits slope_h * (j - i) - lse_i the same way into a key and a query vector. Backward: a small kernel
 computes delta = rowsum(dO * O), then one kernel per key block accumulates dK and dV over
 the query blocks at or after it, and one per query block accumulates dQ over the key
 blocks up to it. Each loop is split in two: blocks strictly inside the causal triangle
@@ -81,10 +86,12 @@ def _head_dim_mask(offs_d, head_dim, EVEN_D: tl.constexpr):
 
 @triton.jit
 def _forward_block(
-    acc, m_i, l_i, q, k_ptrs, v_ptrs, start_n, offs_m, offs_n, slope, qk_scale, seq_len,
+    acc, m_i, l_i, q, k_ptrs, v_ptrs, start_m, start_n, offs_m, offs_n, slope, qk_scale, seq_len,
     stride_kt, stride_vt, d_ok,
     ON_DIAGONAL: tl.constexpr, HAS_ALIBI: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
+    # Scores here are shifted per row by slope * (i - start_m) against the true ones (see
+    # the kernel): the softmax cancels it, and the ALiBi term costs one add per score.
     cols = start_n + offs_n
     if ON_DIAGONAL:
         key_ok = cols < seq_len
@@ -93,13 +100,20 @@ def _forward_block(
     else:
         k = tl.load(k_ptrs + start_n * stride_kt, mask=d_ok[:, None], other=0.0)
         v = tl.load(v_ptrs + start_n * stride_vt, mask=d_ok[None, :], other=0.0)
-    s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
+    qk = tl.dot(q, k, input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
     if HAS_ALIBI:
-        s += slope * (cols[None, :] - offs_m[:, None]).to(tl.float32)
-    if ON_DIAGONAL:
-        s = tl.where((offs_m[:, None] >= cols[None, :]) & key_ok[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    p = tl.math.exp2(s - m_new[:, None])
+        s = qk * qk_scale + (slope * (cols - start_m).to(tl.float32))[None, :]  # log2 units
+        if ON_DIAGONAL:
+            s = tl.where((offs_m[:, None] >= cols[None, :]) & key_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        p = tl.math.exp2(s - m_new[:, None])
+    else:
+        # Scaling the row max instead of every score lets the scale ride in the exponent's
+        # FMA (qk_scale > 0, so the max commutes with it).
+        if ON_DIAGONAL:
+            qk = tl.where((offs_m[:, None] >= cols[None, :]) & key_ok[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1) * qk_scale)
+        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, axis=1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
@@ -147,16 +161,19 @@ def _attention_forward_kernel(
     # of every block but the first, so the running max is finite before the diagonal.
     for start_n in range(0, start_m, BLOCK_N):
         acc, m_i, l_i = _forward_block(
-            acc, m_i, l_i, q, k_ptrs, v_ptrs, start_n, offs_m, offs_n, slope, qk_scale, seq_len,
+            acc, m_i, l_i, q, k_ptrs, v_ptrs, start_m, start_n, offs_m, offs_n, slope, qk_scale, seq_len,
             stride_kt, stride_vt, d_ok, False, HAS_ALIBI, DOT_PRECISION,
         )
     for start_n in range(start_m, start_m + BLOCK_M, BLOCK_N):
         acc, m_i, l_i = _forward_block(
-            acc, m_i, l_i, q, k_ptrs, v_ptrs, start_n, offs_m, offs_n, slope, qk_scale, seq_len,
+            acc, m_i, l_i, q, k_ptrs, v_ptrs, start_m, start_n, offs_m, offs_n, slope, qk_scale, seq_len,
             stride_kt, stride_vt, d_ok, True, HAS_ALIBI, DOT_PRECISION,
         )
     acc = acc / l_i[:, None]
-    tl.store(LSE + batch_head.to(tl.int64) * seq_len + offs_m, m_i + tl.math.log2(l_i), mask=q_ok)
+    lse = m_i + tl.math.log2(l_i)
+    if HAS_ALIBI:  # undo the per-row shift: the backward needs the true log-sum-exp
+        lse -= slope * (offs_m - start_m).to(tl.float32)
+    tl.store(LSE + batch_head.to(tl.int64) * seq_len + offs_m, lse, mask=q_ok)
     tl.store(
         O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
         acc.to(O.dtype.element_ty), mask=q_ok[:, None] & d_ok[None, :],
@@ -198,10 +215,16 @@ def _dkdv_block(
     # Rows past the end get lse = +inf, so their probabilities are exactly 0.
     lse = tl.load(lse_ptrs + start_m, mask=row_ok, other=float("inf"))
     delta = tl.load(delta_ptrs + start_m, mask=row_ok, other=0.0)
-    s_t = tl.dot(k, q_t, input_precision=DOT_PRECISION) * qk_scale  # (N, M)
+    qk_t = tl.dot(k, q_t, input_precision=DOT_PRECISION)  # (N, M)
     if HAS_ALIBI:
-        s_t += slope * (offs_n[:, None] - offs_m[None, :]).to(tl.float32)
-    p_t = tl.math.exp2(s_t - lse[None, :])
+        # slope (n - m) - lse_m split into a key vector and a query vector, both taken
+        # relative to start_m so they stay small: one add per score instead of a
+        # subtract, convert and FMA.
+        key_term = slope * (offs_n - start_m).to(tl.float32)
+        row_term = lse + slope * offs_m0.to(tl.float32)
+        p_t = tl.math.exp2(qk_t * qk_scale + key_term[:, None] - row_term[None, :])
+    else:
+        p_t = tl.math.exp2(qk_t * qk_scale - lse[None, :])
     if ON_DIAGONAL:
         p_t = tl.where(offs_m[None, :] >= offs_n[:, None], p_t, 0.0)
     dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
@@ -265,7 +288,7 @@ def _attention_backward_dkdv_kernel(
 
 @triton.jit
 def _dq_block(
-    dq, q, do, lse, delta, k_ptrs, v_ptrs, start_n, offs_m, offs_n0, slope, qk_scale, seq_len,
+    dq, q, do, row_term, delta, k_ptrs, v_ptrs, start_m, start_n, offs_m, offs_n0, slope, qk_scale, seq_len,
     stride_kt, stride_vt, d_ok,
     ON_DIAGONAL: tl.constexpr, HAS_ALIBI: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -273,10 +296,11 @@ def _dq_block(
     key_ok = offs_n < seq_len
     k_t = tl.load(k_ptrs + start_n * stride_kt, mask=key_ok[None, :] & d_ok[:, None], other=0.0)  # (D, N)
     v_t = tl.load(v_ptrs + start_n * stride_vt, mask=key_ok[None, :] & d_ok[:, None], other=0.0)  # (D, N)
-    s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale
-    if HAS_ALIBI:
-        s += slope * (offs_n[None, :] - offs_m[:, None]).to(tl.float32)
-    p = tl.math.exp2(s - lse[:, None])
+    qk = tl.dot(q, k_t, input_precision=DOT_PRECISION)
+    if HAS_ALIBI:  # row_term = lse + slope (m - start_m): see the dK/dV block
+        p = tl.math.exp2(qk * qk_scale + (slope * (offs_n - start_m).to(tl.float32))[None, :] - row_term[:, None])
+    else:  # row_term = lse
+        p = tl.math.exp2(qk * qk_scale - row_term[:, None])
     if ON_DIAGONAL:
         p = tl.where((offs_m[:, None] >= offs_n[None, :]) & key_ok[None, :], p, 0.0)
     dp = tl.dot(do, v_t, input_precision=DOT_PRECISION)
@@ -315,22 +339,23 @@ def _attention_backward_dq_kernel(
     grad_rows = b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gt + offs_d[None, :]
     do = tl.load(DO + grad_rows, mask=row_mask, other=0.0)
     rows = batch_head.to(tl.int64) * seq_len + offs_m
-    lse = tl.load(LSE + rows, mask=row_ok, other=float("inf"))
+    row_term = tl.load(LSE + rows, mask=row_ok, other=float("inf"))
     delta = tl.load(Delta + rows, mask=row_ok, other=0.0)
     k_ptrs = K + b * stride_kb + h * stride_kh + offs_n0[None, :] * stride_kt + offs_d[:, None]  # (D, N)
     v_ptrs = V + b * stride_vb + h * stride_vh + offs_n0[None, :] * stride_vt + offs_d[:, None]  # (D, N)
     slope = 0.0
     if HAS_ALIBI:
         slope = tl.load(Slopes + h) * 1.4426950408889634  # log2(e) as a literal: compiled Triton refuses float globals
+        row_term += slope * tl.arange(0, BLOCK_M).to(tl.float32)
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     for start_n in range(0, start_m, BLOCK_N):
         dq = _dq_block(
-            dq, q, do, lse, delta, k_ptrs, v_ptrs, start_n, offs_m, offs_n0, slope, qk_scale, seq_len,
+            dq, q, do, row_term, delta, k_ptrs, v_ptrs, start_m, start_n, offs_m, offs_n0, slope, qk_scale, seq_len,
             stride_kt, stride_vt, d_ok, False, HAS_ALIBI, DOT_PRECISION,
         )
     for start_n in range(start_m, start_m + BLOCK_M, BLOCK_N):
         dq = _dq_block(
-            dq, q, do, lse, delta, k_ptrs, v_ptrs, start_n, offs_m, offs_n0, slope, qk_scale, seq_len,
+            dq, q, do, row_term, delta, k_ptrs, v_ptrs, start_m, start_n, offs_m, offs_n0, slope, qk_scale, seq_len,
             stride_kt, stride_vt, d_ok, True, HAS_ALIBI, DOT_PRECISION,
         )
     tl.store(DQ + grad_rows, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_mask)

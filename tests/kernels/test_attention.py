@@ -1,8 +1,10 @@
+import math
+
 import pytest
 import torch
 
 from bloomrun.kernels import attention
-from bloomrun.kernels.attention import attention_reference
+from bloomrun.kernels.attention import attention_forward, attention_reference
 from tests.kernels.conftest import DEVICE, DTYPES, ON_GPU, assert_close, upcast_leaf
 
 # (B, T, H, D): one token, odd lengths, lengths that are not a multiple of the block (16 on
@@ -59,6 +61,23 @@ def test_alibi_changes_the_output_and_is_relative():
     assert (with_alibi - steep).abs().max() > 1e-3
     # The first query sees only key 0: its output is v[0] whatever the bias.
     assert_close("row 0", with_alibi[:, 0], v[:, 0], torch.float32)
+
+
+def test_stored_log_sum_exp_is_the_true_one():
+    """The forward shifts each row's scores by a block-relative constant and the backward
+    kernels undo it with their own (differently tuned) block sizes: that only works if the
+    forward stores the unshifted log-sum-exp. On the interpreter all blocks are equal, so a
+    shift left in would cancel in the gradient tests above; here it cannot."""
+    batch, seq, heads, head_dim = 1, 45, 3, 16
+    _, (q, k, v) = fused_qkv(batch, seq, heads, head_dim, torch.float32)
+    slopes = bloom_slopes(heads) * 4  # steep, so a per-row shift would be large
+    with torch.no_grad():
+        _, lse = attention_forward(q, k, v, slopes)
+        scores = q.transpose(1, 2) @ k.transpose(1, 2).transpose(-1, -2) / math.sqrt(head_dim)
+        distance = (torch.arange(seq, device=DEVICE)[None, :] - torch.arange(seq, device=DEVICE)[:, None]).float()
+        scores = (scores + slopes.view(1, -1, 1, 1) * distance).masked_fill(distance > 0, float("-inf"))
+        expected = torch.logsumexp(scores, dim=-1) / math.log(2)  # log2 units, (B, H, T)
+    assert_close("lse", lse.view(batch, heads, seq), expected, torch.float32)
 
 
 def test_attention_is_causal():
