@@ -2,34 +2,69 @@
 
 BLOOM's MLP computes gelu(x @ W1 + b1). Fusing the bias add into the activation saves one
 read and one write of the (tokens, 4 * hidden) activation each way. The backward
-recomputes gelu'(x + b) from the saved pre-activation, and each program sums its tile's
-columns into a (row tiles, F) fp32 buffer for dbias, reduced by torch afterwards.
+recomputes gelu'(x + b) from the saved pre-activation. For dbias it runs as a persistent
+reduction: each program owns a column block and a contiguous run of rows, accumulates in a
+(ROWS, BLOCK_F) fp32 register tile, sums it over rows once at the end and writes one
+partial row; a second small kernel adds the few dozen partial rows in a fixed order and
+writes bias's dtype (deterministic, no atomics).
 
 References: Megatron-LM `fused_bias_gelu.py` (the same tanh formula), Liger-Kernel
-`ops/geglu.py`.
+`ops/geglu.py`, Triton tutorial 05 (per-program partial sums for a column reduction).
 """
 
 from __future__ import annotations
+
+import functools
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from bloomrun.kernels._launch import check_last_dim_contiguous, interpreting, pick_configs
+from bloomrun.kernels._launch import check_last_dim_contiguous, num_programs_for
 
 # The GELU constants sqrt(2/pi) and 0.044715 are spelled as literals inside the kernels:
 # compiled Triton refuses float globals in @triton.jit code (the interpreter accepts them,
 # so only a GPU run catches it).
 
+# Launch shapes are chosen by rule, not autotuned. Both kernels stream (M, F) tensors and
+# are memory-bound: a tile of 4096 values at 8 warps is 16 fp32 values per thread per live
+# tensor (two 16-byte bf16 loads), enough bytes in flight per SM without spilling. The
+# autotuned list this replaces had 32 x 1024 tiles at 4 warps (256 values per thread per
+# tensor) and cost Python on every call; a rule also needs no tuning sweep at start-up.
+_TILE_VALUES = 4096
+_MAX_BLOCK_F = 1024
+_VALUES_PER_THREAD = 16
+# Persistent backward programs per SM: two 8-warp programs (<= 128 registers each) fit.
+_BACKWARD_PROGRAMS_PER_SM = 2
+# The partial-row reduction: 32 partial rows x 64 columns per step (256 contiguous bytes).
+_REDUCE_ROWS, _REDUCE_BLOCK, _REDUCE_WARPS = 32, 64, 4
 
-def _tile_configs() -> list[triton.Config]:
-    tuned = [triton.Config({"BLOCK_F": f}, num_warps=w) for f in (256, 512, 1024) for w in (4, 8)]
-    return pick_configs(tuned, triton.Config({"BLOCK_F": 128}, num_warps=1))
+
+class Tile(NamedTuple):
+    rows: int
+    block_f: int
+    num_warps: int
 
 
-def _block_rows() -> int:
-    """Rows per tile; fixed per launch so the dbias partial buffer has a known height."""
-    return 16 if interpreting() else 32
+@functools.lru_cache(maxsize=None)
+def tile_for(n_cols: int) -> Tile:
+    """The (rows, columns, warps) of one tile for an activation `n_cols` wide."""
+    block_f = min(_MAX_BLOCK_F, triton.next_power_of_2(n_cols))
+    rows = max(1, _TILE_VALUES // block_f)
+    return Tile(rows, block_f, max(1, rows * block_f // (32 * _VALUES_PER_THREAD)))
+
+
+class RowGroups(NamedTuple):
+    count: int  # programs along the rows: partial rows of dbias
+    tiles_each: int  # row tiles per group (the last group may have fewer)
+
+
+def row_groups(n_row_tiles: int, n_col_blocks: int, num_programs: int) -> RowGroups:
+    """Splits the row tiles into contiguous runs so groups x column blocks ~ num_programs."""
+    wanted = max(1, min(n_row_tiles, triton.cdiv(num_programs, n_col_blocks)))
+    tiles_each = max(1, triton.cdiv(n_row_tiles, wanted))
+    return RowGroups(max(1, triton.cdiv(n_row_tiles, tiles_each)), tiles_each)
 
 
 @triton.jit
@@ -38,7 +73,6 @@ def _tanh(u):
     return 2.0 * tl.sigmoid(2.0 * u) - 1.0
 
 
-@triton.autotune(configs=_tile_configs(), key=["n_cols"])
 @triton.jit
 def _bias_gelu_forward_kernel(
     Y,  # (M, F) output, contiguous
@@ -61,11 +95,10 @@ def _bias_gelu_forward_kernel(
     tl.store(Y + rows[:, None] * n_cols + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=_tile_configs(), key=["n_cols"])
 @triton.jit
 def _bias_gelu_backward_kernel(
     DX,  # (M, F) output, contiguous
-    DBias_partial,  # (cdiv(M, BLOCK_M), F) fp32
+    DBias_partial,  # (G, F) fp32, one row per row group
     DY,  # (M, F), row stride stride_dy
     X,  # (M, F), row stride stride_x
     Bias,  # (F,)
@@ -73,24 +106,61 @@ def _bias_gelu_backward_kernel(
     stride_x,
     n_rows,
     n_cols,
+    tiles_per_group,
     BLOCK_M: tl.constexpr,
     BLOCK_F: tl.constexpr,
 ):
-    row_tile = tl.program_id(0)
-    rows = row_tile.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    # Program (g, j): row tiles [g * tiles_per_group, ...) of column block j. dbias stays a
+    # (BLOCK_M, BLOCK_F) register tile until the loop ends: one cross-row sum per program.
+    group = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
     col_ok = cols < n_cols
-    mask = (rows < n_rows)[:, None] & col_ok[None, :]
-    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     b = tl.load(Bias + cols, mask=col_ok, other=0.0).to(tl.float32)
-    h = x + b[None, :]
-    t = _tanh(0.7978845608028654 * (h + 0.044715 * h * h * h))
-    dt_dh = (1.0 - t * t) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * h * h)
-    dx = dy * (0.5 * (1.0 + t) + 0.5 * h * dt_dh)
-    dx = tl.where(mask, dx, 0.0)
-    tl.store(DX + rows[:, None] * n_cols + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
-    tl.store(DBias_partial + row_tile * n_cols + cols, tl.sum(dx, axis=0), mask=col_ok)
+    dbias = tl.zeros((BLOCK_M, BLOCK_F), dtype=tl.float32)
+    first_tile = group * tiles_per_group
+    last_tile = tl.minimum(first_tile + tiles_per_group, tl.cdiv(n_rows, BLOCK_M))
+    for row_tile in range(first_tile, last_tile):
+        rows = row_tile * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+        mask = (rows < n_rows)[:, None] & col_ok[None, :]
+        x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        h = x + b[None, :]
+        t = _tanh(0.7978845608028654 * (h + 0.044715 * h * h * h))
+        dt_dh = (1.0 - t * t) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * h * h)
+        dx = dy * (0.5 * (1.0 + t) + 0.5 * h * dt_dh)  # 0 where masked: dy loaded as 0
+        tl.store(DX + rows[:, None] * n_cols + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        dbias += dx
+    tl.store(DBias_partial + group * n_cols + cols, tl.sum(dbias, axis=0), mask=col_ok)
+
+
+@triton.jit
+def _sum_partial_rows_kernel(
+    Out,  # (N,) output, any float dtype
+    Partial,  # (P, N) fp32, contiguous
+    n_partial,  # P
+    n_cols,  # N
+    ROWS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    # Column block per program; the partial rows are added in a fixed order (deterministic).
+    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    col_ok = cols < n_cols
+    acc = tl.zeros((ROWS, BLOCK), dtype=tl.float32)
+    for start in range(0, n_partial, ROWS):
+        rows = start + tl.arange(0, ROWS)
+        mask = (rows < n_partial)[:, None] & col_ok[None, :]
+        acc += tl.load(Partial + rows[:, None] * n_cols + cols[None, :], mask=mask, other=0.0)
+    tl.store(Out + cols, tl.sum(acc, axis=0).to(Out.dtype.element_ty), mask=col_ok)
+
+
+def sum_partial_rows(partial: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """partial.sum(0).to(dtype) for a contiguous (P, N) fp32 tensor, in one launch."""
+    n_partial, n_cols = partial.shape
+    out = torch.empty(n_cols, dtype=dtype, device=partial.device)
+    _sum_partial_rows_kernel[(triton.cdiv(n_cols, _REDUCE_BLOCK),)](
+        out, partial, n_partial, n_cols, ROWS=_REDUCE_ROWS, BLOCK=_REDUCE_BLOCK, num_warps=_REDUCE_WARPS,
+    )
+    return out
 
 
 def _as_rows(name, x, width):
@@ -103,10 +173,13 @@ def _as_rows(name, x, width):
 def bias_gelu_forward(x, bias):
     x2 = _as_rows("bias_gelu input", x, bias.shape[0])
     n_rows, n_cols = x2.shape
+    tile = tile_for(n_cols)
     y = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
-    block_m = _block_rows()
-    grid = lambda meta: (triton.cdiv(n_rows, block_m), triton.cdiv(n_cols, meta["BLOCK_F"]))
-    _bias_gelu_forward_kernel[grid](y, x2, bias, x2.stride(0), n_rows, n_cols, BLOCK_M=block_m)
+    grid = (triton.cdiv(n_rows, tile.rows), triton.cdiv(n_cols, tile.block_f))
+    _bias_gelu_forward_kernel[grid](
+        y, x2, bias, x2.stride(0), n_rows, n_cols,
+        BLOCK_M=tile.rows, BLOCK_F=tile.block_f, num_warps=tile.num_warps,
+    )
     return y.view(x.shape)
 
 
@@ -115,14 +188,16 @@ def bias_gelu_backward(dy, x, bias):
     x2 = _as_rows("bias_gelu input", x, bias.shape[0])
     dy2 = dy.contiguous().view(x2.shape)
     n_rows, n_cols = x2.shape
-    block_m = _block_rows()
+    tile = tile_for(n_cols)
+    n_col_blocks = triton.cdiv(n_cols, tile.block_f)
+    groups = row_groups(triton.cdiv(n_rows, tile.rows), n_col_blocks, num_programs_for(x, _BACKWARD_PROGRAMS_PER_SM))
     dx = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
-    dbias_partial = torch.empty(triton.cdiv(n_rows, block_m), n_cols, dtype=torch.float32, device=x.device)
-    grid = lambda meta: (triton.cdiv(n_rows, block_m), triton.cdiv(n_cols, meta["BLOCK_F"]))
-    _bias_gelu_backward_kernel[grid](
-        dx, dbias_partial, dy2, x2, bias, dy2.stride(0), x2.stride(0), n_rows, n_cols, BLOCK_M=block_m
+    dbias_partial = torch.empty(groups.count, n_cols, dtype=torch.float32, device=x.device)
+    _bias_gelu_backward_kernel[(groups.count, n_col_blocks)](
+        dx, dbias_partial, dy2, x2, bias, dy2.stride(0), x2.stride(0), n_rows, n_cols, groups.tiles_each,
+        BLOCK_M=tile.rows, BLOCK_F=tile.block_f, num_warps=tile.num_warps,
     )
-    return dx.view(x.shape), dbias_partial.sum(0).to(bias.dtype)
+    return dx.view(x.shape), sum_partial_rows(dbias_partial, bias.dtype)
 
 
 class BiasGeluFunction(torch.autograd.Function):

@@ -3,7 +3,9 @@
 The MLP's first projection produces (..., 2F); with its bias added, the first half is
 the gate a and the second half the value g: out = silu(a) * g, shape (..., F). The fused
 kernel reads the (..., 2F) input once and writes (..., F); the backward writes d(x) for
-both halves and per-tile column sums for dbias.
+both halves and, as bias-GELU's backward does, sums dbias as a persistent reduction: each
+program owns a column block and a run of rows, accumulates both halves in fp32 register
+tiles, writes one partial row, and bias_gelu.sum_partial_rows adds those in one launch.
 
 References: Shazeer, "GLU Variants Improve Transformer" (2020); Liger-Kernel `ops/swiglu.py`.
 """
@@ -14,16 +16,12 @@ import torch
 import triton
 import triton.language as tl
 
-from bloomrun.kernels._launch import check_last_dim_contiguous, interpreting, pick_configs
+from bloomrun.kernels._launch import check_last_dim_contiguous, num_programs_for
+from bloomrun.kernels.bias_gelu import row_groups, sum_partial_rows, tile_for
 
-
-def _tile_configs() -> list[triton.Config]:
-    tuned = [triton.Config({"BLOCK_F": f}, num_warps=w) for f in (256, 512, 1024) for w in (4, 8)]
-    return pick_configs(tuned, triton.Config({"BLOCK_F": 128}, num_warps=1))
-
-
-def _block_rows() -> int:
-    return 16 if interpreting() else 32
+# Launch shapes: bias_gelu.tile_for's rule (4096-value tiles, 16 fp32 values per thread per
+# live tensor, no autotuner) applied to the half width F.
+_BACKWARD_PROGRAMS_PER_SM = 2
 
 
 @triton.jit
@@ -37,7 +35,6 @@ def _load_gate_and_up(X, Bias, rows, cols, stride_x, half, mask, col_ok):
     return a, g
 
 
-@triton.autotune(configs=_tile_configs(), key=["half"])
 @triton.jit
 def _bias_swiglu_forward_kernel(
     Y,  # (M, F) output, contiguous
@@ -58,11 +55,10 @@ def _bias_swiglu_forward_kernel(
     tl.store(Y + rows[:, None] * half + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=_tile_configs(), key=["half"])
 @triton.jit
 def _bias_swiglu_backward_kernel(
     DX,  # (M, 2F) output, contiguous
-    DBias_partial,  # (cdiv(M, BLOCK_M), 2F) fp32
+    DBias_partial,  # (G, 2F) fp32, one row per row group
     DY,  # (M, F), row stride stride_dy
     X,  # (M, 2F), row stride stride_x
     Bias,  # (2F,)
@@ -70,26 +66,36 @@ def _bias_swiglu_backward_kernel(
     stride_x,
     n_rows,
     half,
+    tiles_per_group,
     BLOCK_M: tl.constexpr,
     BLOCK_F: tl.constexpr,
 ):
-    row_tile = tl.program_id(0)
-    rows = row_tile.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    # Program (g, j): row tiles [g * tiles_per_group, ...) of column block j of both halves;
+    # the dbias tiles are summed over rows once, after the loop.
+    group = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
     col_ok = cols < half
-    mask = (rows < n_rows)[:, None] & col_ok[None, :]
-    a, g = _load_gate_and_up(X, Bias, rows, cols, stride_x, half, mask, col_ok)
-    dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    s = tl.sigmoid(a)
-    silu = a * s
-    da = tl.where(mask, dy * g * s * (1.0 + a * (1.0 - s)), 0.0)
-    dg = tl.where(mask, dy * silu, 0.0)
-    out = DX + rows[:, None] * (2 * half) + cols[None, :]
-    tl.store(out, da.to(DX.dtype.element_ty), mask=mask)
-    tl.store(out + half, dg.to(DX.dtype.element_ty), mask=mask)
-    partial = DBias_partial + row_tile * (2 * half) + cols
-    tl.store(partial, tl.sum(da, axis=0), mask=col_ok)
-    tl.store(partial + half, tl.sum(dg, axis=0), mask=col_ok)
+    da_sum = tl.zeros((BLOCK_M, BLOCK_F), dtype=tl.float32)
+    dg_sum = tl.zeros((BLOCK_M, BLOCK_F), dtype=tl.float32)
+    first_tile = group * tiles_per_group
+    last_tile = tl.minimum(first_tile + tiles_per_group, tl.cdiv(n_rows, BLOCK_M))
+    for row_tile in range(first_tile, last_tile):
+        rows = row_tile * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+        mask = (rows < n_rows)[:, None] & col_ok[None, :]
+        a, g = _load_gate_and_up(X, Bias, rows, cols, stride_x, half, mask, col_ok)
+        dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        s = tl.sigmoid(a)
+        # Both are 0 where masked: dy is loaded as 0 there.
+        da = dy * g * s * (1.0 + a * (1.0 - s))
+        dg = dy * a * s
+        out = DX + rows[:, None] * (2 * half) + cols[None, :]
+        tl.store(out, da.to(DX.dtype.element_ty), mask=mask)
+        tl.store(out + half, dg.to(DX.dtype.element_ty), mask=mask)
+        da_sum += da
+        dg_sum += dg
+    partial = DBias_partial + group * (2 * half) + cols
+    tl.store(partial, tl.sum(da_sum, axis=0), mask=col_ok)
+    tl.store(partial + half, tl.sum(dg_sum, axis=0), mask=col_ok)
 
 
 def _as_rows(x, bias):
@@ -103,10 +109,13 @@ def _as_rows(x, bias):
 def bias_swiglu_forward(x, bias):
     x2 = _as_rows(x, bias)
     n_rows, half = x2.shape[0], x2.shape[1] // 2
+    tile = tile_for(half)
     y = torch.empty(n_rows, half, dtype=x.dtype, device=x.device)
-    block_m = _block_rows()
-    grid = lambda meta: (triton.cdiv(n_rows, block_m), triton.cdiv(half, meta["BLOCK_F"]))
-    _bias_swiglu_forward_kernel[grid](y, x2, bias, x2.stride(0), n_rows, half, BLOCK_M=block_m)
+    grid = (triton.cdiv(n_rows, tile.rows), triton.cdiv(half, tile.block_f))
+    _bias_swiglu_forward_kernel[grid](
+        y, x2, bias, x2.stride(0), n_rows, half,
+        BLOCK_M=tile.rows, BLOCK_F=tile.block_f, num_warps=tile.num_warps,
+    )
     return y.view(*x.shape[:-1], half)
 
 
@@ -115,14 +124,16 @@ def bias_swiglu_backward(dy, x, bias):
     x2 = _as_rows(x, bias)
     n_rows, half = x2.shape[0], x2.shape[1] // 2
     dy2 = dy.contiguous().view(n_rows, half)
-    block_m = _block_rows()
+    tile = tile_for(half)
+    n_col_blocks = triton.cdiv(half, tile.block_f)
+    groups = row_groups(triton.cdiv(n_rows, tile.rows), n_col_blocks, num_programs_for(x, _BACKWARD_PROGRAMS_PER_SM))
     dx = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
-    dbias_partial = torch.empty(triton.cdiv(n_rows, block_m), 2 * half, dtype=torch.float32, device=x.device)
-    grid = lambda meta: (triton.cdiv(n_rows, block_m), triton.cdiv(half, meta["BLOCK_F"]))
-    _bias_swiglu_backward_kernel[grid](
-        dx, dbias_partial, dy2, x2, bias, dy2.stride(0), x2.stride(0), n_rows, half, BLOCK_M=block_m
+    dbias_partial = torch.empty(groups.count, 2 * half, dtype=torch.float32, device=x.device)
+    _bias_swiglu_backward_kernel[(groups.count, n_col_blocks)](
+        dx, dbias_partial, dy2, x2, bias, dy2.stride(0), x2.stride(0), n_rows, half, groups.tiles_each,
+        BLOCK_M=tile.rows, BLOCK_F=tile.block_f, num_warps=tile.num_warps,
     )
-    return dx.view(x.shape), dbias_partial.sum(0).to(bias.dtype)
+    return dx.view(x.shape), sum_partial_rows(dbias_partial, bias.dtype)
 
 
 class BiasSwigluFunction(torch.autograd.Function):

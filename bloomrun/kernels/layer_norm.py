@@ -2,33 +2,64 @@
 
 Used for every LayerNorm of the BLOOM block and for the embedding LayerNorm. The forward
 reads x once and writes y plus one (mean, rstd) pair per row; the backward recomputes the
-normalised input from them instead of saving it. dW and dB are summed per persistent
-program into a (programs, C) fp32 buffer and reduced by torch afterwards: no atomics, so the
-result is deterministic.
+normalised input from them instead of saving it. dW and dB are accumulated per persistent
+program in (ROWS, BLOCK) fp32 register tiles, reduced over rows once at the end into one
+partial row per program, and a second small kernel sums the partial rows of both in one
+launch, in a fixed order, writing the parameters' dtype: no atomics, so the result is
+deterministic on a given device (the number of programs follows the SM count).
 
 References: Triton tutorial 05 (layer-norm), Liger-Kernel `ops/layer_norm.py`.
 """
 
 from __future__ import annotations
 
+import functools
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
-from bloomrun.kernels._launch import check_last_dim_contiguous, num_programs_for, pick_configs
+from bloomrun.kernels._launch import check_last_dim_contiguous, num_programs_for
+
+# Launch configurations are chosen by rule, not autotuned, as in Triton's layer-norm
+# tutorial. Why: these kernels are memory-bound and their best shape follows from the row's
+# size (each program moves a few KB per tensor; each thread holds ~16 fp32 values per live
+# tensor, two 16-byte loads in bf16), while the autotuner added Python to every call (its
+# key lookup and config kwargs on top of Triton's own launch) for a forward whose bytes take
+# ~23 us at 8192 x 2048, and a 9-config sweep at start-up. On the H200 the sweep picked
+# (ROWS 1, 4 warps) for the 2048-wide bf16 forward (bench/results/layer_norm.json): what the
+# rule gives. ptxas for sm_90a at 2048 bf16 (`triton.compile` on a CPU machine): forward
+# 40 registers, backward 106, no spills; at 14336 the backward spills ~300 bytes (16 warps
+# cannot hold 32 values per thread for each of its tensors), the forward does not.
+_FORWARD_TILE_BYTES = 4096  # one 2048-wide bf16 row per program
+# The backward streams x and dy in and dx out and keeps two accumulators: two 2048-wide bf16
+# rows per loop step at 8 warps.
+_BACKWARD_TILE_BYTES = 8192
+_VALUES_PER_THREAD = 16
+# Persistent backward programs per SM: as many as fill 16 warps (two 8-warp programs at
+# <= 128 registers fit one SM). More would only add partial rows for the second kernel.
+_WARPS_PER_SM = 16
+# The partial-row reduction: 32 partial rows x 64 columns per step (256 contiguous bytes per
+# row), 4 warps, so even a 2048-wide parameter is split over 32 programs.
+_REDUCE_ROWS, _REDUCE_BLOCK, _REDUCE_WARPS = 32, 64, 4
 
 
-def _row_configs() -> list[triton.Config]:
-    tuned = [
-        triton.Config({"ROWS": rows}, num_warps=warps)
-        for rows in (1, 2, 4)
-        for warps in (4, 8, 16)
-    ]
-    tuned.sort(key=lambda c: (c.kwargs["ROWS"] != 2, c.num_warps != 8))  # (2, 8) first: the default
-    return pick_configs(tuned, triton.Config({"ROWS": 16}, num_warps=1))
+class RowTile(NamedTuple):
+    block: int  # the row's width padded to a power of two: a whole row per tile
+    rows: int  # rows per program (forward) or per loop step (backward)
+    num_warps: int
 
 
-@triton.autotune(configs=_row_configs(), key=["n_cols"])
+@functools.lru_cache(maxsize=None)
+def row_tile(n_cols: int, element_size: int, tile_bytes: int) -> RowTile:
+    """The launch shape for rows of `n_cols` elements of `element_size` bytes."""
+    block = triton.next_power_of_2(n_cols)
+    rows = min(64, max(1, tile_bytes // (block * element_size)))
+    num_warps = min(16, max(1, rows * block // (32 * _VALUES_PER_THREAD)))
+    return RowTile(block, rows, num_warps)
+
+
 @triton.jit
 def _layer_norm_forward_kernel(
     Y,  # (M, C) output, row stride stride_y
@@ -61,7 +92,6 @@ def _layer_norm_forward_kernel(
     tl.store(Rstd + rows, rstd, mask=rows < n_rows)
 
 
-@triton.autotune(configs=_row_configs(), key=["n_cols"])
 @triton.jit
 def _layer_norm_backward_kernel(
     DX,  # (M, C) output, row stride stride_dx
@@ -81,14 +111,16 @@ def _layer_norm_backward_kernel(
     ROWS: tl.constexpr,
 ):
     # Persistent programs: program p handles row blocks p, p + P, p + 2P, ... and keeps its
-    # share of dW and dB in registers until the end.
+    # share of dW and dB as (ROWS, BLOCK) register tiles, summed over rows once after the
+    # loop: a per-step tl.sum(axis=0) would cross warps (shared memory and a barrier) every
+    # step whenever the layout puts rows on different warps.
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     cols = tl.arange(0, BLOCK)
     col_ok = cols < n_cols
     w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
-    dw_acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    db_acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    dw_acc = tl.zeros((ROWS, BLOCK), dtype=tl.float32)
+    db_acc = tl.zeros((ROWS, BLOCK), dtype=tl.float32)
     for block in range(pid, tl.cdiv(n_rows, ROWS), num_programs):
         rows = block * ROWS + tl.arange(0, ROWS).to(tl.int64)
         row_ok = rows < n_rows
@@ -103,10 +135,36 @@ def _layer_norm_backward_kernel(
         c2 = tl.sum(wdy, axis=1) / n_cols
         dx = (wdy - (x_hat * c1[:, None] + c2[:, None])) * rstd[:, None]
         tl.store(DX + rows[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
-        dw_acc += tl.sum(dy * x_hat, axis=0)
-        db_acc += tl.sum(dy, axis=0)
-    tl.store(DW_partial + pid * n_cols + cols, dw_acc, mask=col_ok)
-    tl.store(DB_partial + pid * n_cols + cols, db_acc, mask=col_ok)
+        dw_acc += dy * x_hat  # masked elements are 0 in both dy and x_hat
+        db_acc += dy
+    tl.store(DW_partial + pid * n_cols + cols, tl.sum(dw_acc, axis=0), mask=col_ok)
+    tl.store(DB_partial + pid * n_cols + cols, tl.sum(db_acc, axis=0), mask=col_ok)
+
+
+@triton.jit
+def _layer_norm_param_grads_kernel(
+    DW,  # (C,) output, the weight's dtype
+    DB,  # (C,) output
+    DW_partial,  # (P, C) fp32
+    DB_partial,  # (P, C) fp32
+    n_partial,  # P
+    n_cols,
+    ROWS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    # Column block per program; the partial rows are added in a fixed order (deterministic).
+    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    col_ok = cols < n_cols
+    dw_acc = tl.zeros((ROWS, BLOCK), dtype=tl.float32)
+    db_acc = tl.zeros((ROWS, BLOCK), dtype=tl.float32)
+    for start in range(0, n_partial, ROWS):
+        rows = start + tl.arange(0, ROWS)
+        mask = (rows < n_partial)[:, None] & col_ok[None, :]
+        offsets = rows[:, None] * n_cols + cols[None, :]
+        dw_acc += tl.load(DW_partial + offsets, mask=mask, other=0.0)
+        db_acc += tl.load(DB_partial + offsets, mask=mask, other=0.0)
+    tl.store(DW + cols, tl.sum(dw_acc, axis=0).to(DW.dtype.element_ty), mask=col_ok)
+    tl.store(DB + cols, tl.sum(db_acc, axis=0).to(DB.dtype.element_ty), mask=col_ok)
 
 
 def _as_rows(x: torch.Tensor) -> torch.Tensor:
@@ -120,15 +178,27 @@ def layer_norm_forward(x, weight, bias, eps):
         raise ValueError(f"layer_norm weight/bias must be ({x.shape[-1]},), got {tuple(weight.shape)}, {tuple(bias.shape)}")
     x2 = _as_rows(x)
     n_rows, n_cols = x2.shape
+    tile = row_tile(n_cols, x.element_size(), _FORWARD_TILE_BYTES)
     y = torch.empty_like(x2)
     mean = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
-    grid = lambda meta: (triton.cdiv(n_rows, meta["ROWS"]),)
-    _layer_norm_forward_kernel[grid](
+    _layer_norm_forward_kernel[(triton.cdiv(n_rows, tile.rows),)](
         y, x2, weight, bias, mean, rstd, x2.stride(0), y.stride(0), n_rows, n_cols, eps,
-        BLOCK=triton.next_power_of_2(n_cols),
+        BLOCK=tile.block, ROWS=tile.rows, num_warps=tile.num_warps,
     )
     return y.view(x.shape), mean, rstd
+
+
+def sum_param_grad_partials(dw_partial, db_partial, dtype):
+    """(dw_partial.sum(0), db_partial.sum(0)) in `dtype`, in one launch."""
+    n_partial, n_cols = dw_partial.shape
+    dweight = torch.empty(n_cols, dtype=dtype, device=dw_partial.device)
+    dbias = torch.empty(n_cols, dtype=dtype, device=dw_partial.device)
+    _layer_norm_param_grads_kernel[(triton.cdiv(n_cols, _REDUCE_BLOCK),)](
+        dweight, dbias, dw_partial, db_partial, n_partial, n_cols,
+        ROWS=_REDUCE_ROWS, BLOCK=_REDUCE_BLOCK, num_warps=_REDUCE_WARPS,
+    )
+    return dweight, dbias
 
 
 def layer_norm_backward(dy, x, weight, mean, rstd):
@@ -136,17 +206,18 @@ def layer_norm_backward(dy, x, weight, mean, rstd):
     x2 = _as_rows(x)
     dy2 = dy.reshape(x2.shape) if dy.stride(-1) == 1 else dy.contiguous().reshape(x2.shape)
     n_rows, n_cols = x2.shape
-    num_programs = max(1, min(num_programs_for(x, per_sm=4), n_rows))
+    tile = row_tile(n_cols, x.element_size(), _BACKWARD_TILE_BYTES)
+    per_sm = max(1, _WARPS_PER_SM // tile.num_warps)
+    num_programs = max(1, min(num_programs_for(x, per_sm=per_sm), triton.cdiv(n_rows, tile.rows)))
     dx = torch.empty_like(x2)
     dw_partial = torch.empty(num_programs, n_cols, dtype=torch.float32, device=x.device)
     db_partial = torch.empty(num_programs, n_cols, dtype=torch.float32, device=x.device)
     _layer_norm_backward_kernel[(num_programs,)](
         dx, dw_partial, db_partial, dy2, x2, weight, mean, rstd,
         dx.stride(0), dy2.stride(0), x2.stride(0), n_rows, n_cols,
-        BLOCK=triton.next_power_of_2(n_cols),
+        BLOCK=tile.block, ROWS=tile.rows, num_warps=tile.num_warps,
     )
-    dweight = dw_partial.sum(0).to(weight.dtype)
-    dbias = db_partial.sum(0).to(weight.dtype)
+    dweight, dbias = sum_param_grad_partials(dw_partial, db_partial, weight.dtype)
     return dx.view(x.shape), dweight, dbias
 
 

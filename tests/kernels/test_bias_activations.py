@@ -1,8 +1,10 @@
+import importlib
+
 import pytest
 import torch
 
 from bloomrun.kernels import bias_gelu, bias_swiglu
-from bloomrun.kernels.bias_gelu import bias_gelu_reference
+from bloomrun.kernels.bias_gelu import bias_gelu_reference, row_groups, sum_partial_rows, tile_for
 from bloomrun.kernels.bias_swiglu import bias_swiglu_reference
 from tests.kernels.conftest import DEVICE, DTYPES, ON_GPU, assert_close, leaf, upcast_leaf
 
@@ -12,12 +14,11 @@ if ON_GPU:
     SHAPES += [((4, 1023), 8192), ((8192,), 5462 * 2)]
 
 OPS = {"gelu": (bias_gelu, bias_gelu_reference), "swiglu": (bias_swiglu, bias_swiglu_reference)}
+# The modules, not the functions the package exports under the same names.
+MODULES = {op: importlib.import_module(f"bloomrun.kernels.bias_{op}") for op in OPS}
 
 
-@pytest.mark.parametrize("op", OPS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("lead, width", SHAPES)
-def test_bias_activation_matches_reference_forward_and_backward(op, lead, width, dtype):
+def check_against_reference(op, lead, width, dtype):
     fused, reference_fn = OPS[op]
     x = (torch.randn(*lead, width, device=DEVICE) * 2).to(dtype)
     bias = (0.5 * torch.randn(width, device=DEVICE)).to(dtype)
@@ -36,6 +37,46 @@ def test_bias_activation_matches_reference_forward_and_backward(op, lead, width,
     assert_close("dx", inputs[0].grad, reference[0].grad, dtype)
     # dbias sums dx over every row: compare it at the scale of that sum.
     assert_close("dbias", inputs[1].grad, reference[1].grad, dtype)
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("lead, width", SHAPES)
+def test_bias_activation_matches_reference_forward_and_backward(op, lead, width, dtype):
+    check_against_reference(op, lead, width, dtype)
+
+
+# (rows, F, programs): each backward program loops over several row tiles and the last row
+# group is shorter; the second case also has two column blocks, the last one partly masked.
+GROUPED = [(229, 100, 3), (27, 1100, 6)]
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("n_rows, half, programs", GROUPED)
+def test_bias_activation_backward_over_uneven_row_groups(monkeypatch, op, n_rows, half, programs):
+    monkeypatch.setattr(MODULES[op], "num_programs_for", lambda *a, **k: programs)
+    tile = tile_for(half)
+    n_tiles, n_col_blocks = -(-n_rows // tile.rows), -(-half // tile.block_f)
+    groups = row_groups(n_tiles, n_col_blocks, programs)
+    # What this test is about: several groups, several tiles each, a short last group.
+    assert groups.count > 1 and groups.tiles_each > 1 and groups.count * groups.tiles_each > n_tiles
+    check_against_reference(op, (n_rows,), 2 * half if op == "swiglu" else half, torch.float32)
+
+
+@pytest.mark.parametrize("n_row_tiles, n_col_blocks, programs", [(1, 1, 4), (9, 1, 4), (2048, 8, 264), (7, 3, 2)])
+def test_row_groups_cover_every_tile_once(n_row_tiles, n_col_blocks, programs):
+    groups = row_groups(n_row_tiles, n_col_blocks, programs)
+    assert (groups.count - 1) * groups.tiles_each < n_row_tiles <= groups.count * groups.tiles_each
+    assert groups.count <= -(-programs // n_col_blocks)  # about `programs` in all
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_sum_partial_rows_adds_every_row(dtype):
+    # More partial rows than one reduction step holds, and a column tail.
+    partial = torch.randn(70, 130, device=DEVICE)
+    out = sum_partial_rows(partial, dtype)
+    assert out.dtype == dtype
+    assert_close("sum", out, partial.sum(0), dtype)
 
 
 def test_bias_gelu_is_the_tanh_approximation_not_erf():

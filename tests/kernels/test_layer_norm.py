@@ -1,19 +1,23 @@
+import importlib
+
 import pytest
 import torch
 
 from bloomrun.kernels import layer_norm
-from bloomrun.kernels.layer_norm import layer_norm_reference
+from bloomrun.kernels.layer_norm import layer_norm_reference, sum_param_grad_partials
 from tests.kernels.conftest import DEVICE, DTYPES, ON_GPU, assert_close, leaf, upcast_leaf
 
-# (leading shape, C): a single row, odd row counts, widths that are not powers of two.
-SHAPES = [((1, 1), 64), ((3, 7), 100), ((2, 37), 257)]
+# The module, not the function the package exports under the same name.
+layer_norm_module = importlib.import_module("bloomrun.kernels.layer_norm")
+
+# (leading shape, C): a single row, odd row counts, widths that are not powers of two, and a
+# wide row (BLOOM-176B's 14336: one row per program, 16 warps).
+SHAPES = [((1, 1), 64), ((3, 7), 100), ((2, 37), 257), ((3,), 14336)]
 if ON_GPU:
     SHAPES += [((4, 1023), 2048), ((8192,), 2048), ((3, 333), 14336)]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("lead, width", SHAPES)
-def test_layer_norm_matches_reference_forward_and_backward(lead, width, dtype):
+def check_against_reference(lead, width, dtype):
     x = (torch.randn(*lead, width, device=DEVICE) * 2 + 0.5).to(dtype)
     weight = (1 + 0.1 * torch.randn(width, device=DEVICE)).to(dtype)
     bias = (0.1 * torch.randn(width, device=DEVICE)).to(dtype)
@@ -30,6 +34,32 @@ def test_layer_norm_matches_reference_forward_and_backward(lead, width, dtype):
     assert_close("y", out, expected, dtype)
     for name, got, want in zip(("dx", "dweight", "dbias"), inputs, reference):
         assert_close(name, got.grad, want.grad, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("lead, width", SHAPES)
+def test_layer_norm_matches_reference_forward_and_backward(lead, width, dtype):
+    check_against_reference(lead, width, dtype)
+
+
+def test_layer_norm_backward_with_more_row_blocks_than_programs(monkeypatch):
+    """Persistent programs loop over row blocks; the count here is not a multiple of them."""
+    monkeypatch.setattr(layer_norm_module, "num_programs_for", lambda *a, **k: 4)
+    n_rows, width = 229, 100
+    tile = layer_norm_module.row_tile(width, 4, layer_norm_module._BACKWARD_TILE_BYTES)
+    n_row_blocks = -(-n_rows // tile.rows)
+    assert n_row_blocks > 4 and n_row_blocks % 4 and n_rows % tile.rows  # what this test is about
+    check_against_reference((n_rows,), width, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_param_grad_partials_sum_over_every_partial_row(dtype):
+    # More partial rows than one reduction step holds, and a column tail.
+    dw_partial, db_partial = torch.randn(70, 130, device=DEVICE), torch.randn(70, 130, device=DEVICE)
+    dweight, dbias = sum_param_grad_partials(dw_partial, db_partial, dtype)
+    assert dweight.dtype == dbias.dtype == dtype
+    assert_close("dweight", dweight, dw_partial.sum(0), dtype)
+    assert_close("dbias", dbias, db_partial.sum(0), dtype)
 
 
 def test_layer_norm_accepts_fp32_weights_with_half_input():
