@@ -35,8 +35,10 @@ from bloomrun.kernels._launch import check_last_dim_contiguous, num_programs_for
 _TILE_VALUES = 4096
 _MAX_BLOCK_F = 1024
 _VALUES_PER_THREAD = 16
-# Persistent backward programs per SM: two 8-warp programs (<= 128 registers each) fit.
-_BACKWARD_PROGRAMS_PER_SM = 2
+# Persistent backward programs per SM: as many as are resident at once, so all run in one
+# wave and each SM keeps the most loads in flight (nothing pipelines loads across loop steps
+# here). ptxas (sm_90a, F 8192 bf16): 80 registers x 256 threads, so three fit in 64K.
+_BACKWARD_PROGRAMS_PER_SM = 3
 # The partial-row reduction: 32 partial rows x 64 columns per step (256 contiguous bytes).
 _REDUCE_ROWS, _REDUCE_BLOCK, _REDUCE_WARPS = 32, 64, 4
 

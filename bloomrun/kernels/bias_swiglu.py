@@ -20,7 +20,9 @@ from bloomrun.kernels._launch import check_last_dim_contiguous, num_programs_for
 from bloomrun.kernels.bias_gelu import row_groups, sum_partial_rows, tile_for
 
 # Launch shapes: bias_gelu.tile_for's rule (4096-value tiles, 16 fp32 values per thread per
-# live tensor, no autotuner) applied to the half width F.
+# live tensor, no autotuner) applied to the half width F. Persistent backward programs per
+# SM: as many as are resident at once; ptxas (sm_90a, F 5440 bf16): 127 registers x 256
+# threads, so two.
 _BACKWARD_PROGRAMS_PER_SM = 2
 
 
