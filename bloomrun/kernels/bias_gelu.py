@@ -176,30 +176,33 @@ def bias_gelu_forward(x, bias):
     x2 = _as_rows("bias_gelu input", x, bias.shape[0])
     n_rows, n_cols = x2.shape
     tile = tile_for(n_cols)
-    y = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # contiguous: no .view() per call
     grid = (triton.cdiv(n_rows, tile.rows), triton.cdiv(n_cols, tile.block_f))
     _bias_gelu_forward_kernel[grid](
         y, x2, bias, x2.stride(0), n_rows, n_cols,
         BLOCK_M=tile.rows, BLOCK_F=tile.block_f, num_warps=tile.num_warps,
     )
-    return y.view(x.shape)
+    return y
 
 
 def bias_gelu_backward(dy, x, bias):
     """Returns (dx, dbias)."""
     x2 = _as_rows("bias_gelu input", x, bias.shape[0])
-    dy2 = dy.contiguous().view(x2.shape)
+    if dy.shape != x.shape:  # the kernel reads dy with x's rows: a mismatch would read out of bounds
+        raise ValueError(f"bias_gelu grad must have the input's shape {tuple(x.shape)}, got {tuple(dy.shape)}")
+    dy = dy.contiguous()  # row stride n_cols
     n_rows, n_cols = x2.shape
     tile = tile_for(n_cols)
     n_col_blocks = triton.cdiv(n_cols, tile.block_f)
     groups = row_groups(triton.cdiv(n_rows, tile.rows), n_col_blocks, num_programs_for(x, _BACKWARD_PROGRAMS_PER_SM))
-    dx = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
-    dbias_partial = torch.empty(groups.count, n_cols, dtype=torch.float32, device=x.device)
+    device = x.device
+    dx = torch.empty(x.shape, dtype=x.dtype, device=device)
+    dbias_partial = torch.empty(groups.count, n_cols, dtype=torch.float32, device=device)
     _bias_gelu_backward_kernel[(groups.count, n_col_blocks)](
-        dx, dbias_partial, dy2, x2, bias, dy2.stride(0), x2.stride(0), n_rows, n_cols, groups.tiles_each,
+        dx, dbias_partial, dy, x2, bias, n_cols, x2.stride(0), n_rows, n_cols, groups.tiles_each,
         BLOCK_M=tile.rows, BLOCK_F=tile.block_f, num_warps=tile.num_warps,
     )
-    return dx.view(x.shape), sum_partial_rows(dbias_partial, bias.dtype)
+    return dx, sum_partial_rows(dbias_partial, bias.dtype)
 
 
 class BiasGeluFunction(torch.autograd.Function):

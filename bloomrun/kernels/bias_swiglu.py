@@ -112,30 +112,33 @@ def bias_swiglu_forward(x, bias):
     x2 = _as_rows(x, bias)
     n_rows, half = x2.shape[0], x2.shape[1] // 2
     tile = tile_for(half)
-    y = torch.empty(n_rows, half, dtype=x.dtype, device=x.device)
+    y = torch.empty(*x.shape[:-1], half, dtype=x.dtype, device=x.device)  # no .view() per call
     grid = (triton.cdiv(n_rows, tile.rows), triton.cdiv(half, tile.block_f))
     _bias_swiglu_forward_kernel[grid](
         y, x2, bias, x2.stride(0), n_rows, half,
         BLOCK_M=tile.rows, BLOCK_F=tile.block_f, num_warps=tile.num_warps,
     )
-    return y.view(*x.shape[:-1], half)
+    return y
 
 
 def bias_swiglu_backward(dy, x, bias):
     """Returns (dx, dbias)."""
     x2 = _as_rows(x, bias)
     n_rows, half = x2.shape[0], x2.shape[1] // 2
-    dy2 = dy.contiguous().view(n_rows, half)
+    if dy.shape != (*x.shape[:-1], half):  # a mismatch would read out of bounds
+        raise ValueError(f"bias_swiglu grad must be {(*x.shape[:-1], half)}, got {tuple(dy.shape)}")
+    dy = dy.contiguous()  # row stride half
     tile = tile_for(half)
     n_col_blocks = triton.cdiv(half, tile.block_f)
     groups = row_groups(triton.cdiv(n_rows, tile.rows), n_col_blocks, num_programs_for(x, _BACKWARD_PROGRAMS_PER_SM))
-    dx = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
-    dbias_partial = torch.empty(groups.count, 2 * half, dtype=torch.float32, device=x.device)
+    device = x.device
+    dx = torch.empty(x.shape, dtype=x.dtype, device=device)
+    dbias_partial = torch.empty(groups.count, 2 * half, dtype=torch.float32, device=device)
     _bias_swiglu_backward_kernel[(groups.count, n_col_blocks)](
-        dx, dbias_partial, dy2, x2, bias, dy2.stride(0), x2.stride(0), n_rows, half, groups.tiles_each,
+        dx, dbias_partial, dy, x2, bias, half, x2.stride(0), n_rows, half, groups.tiles_each,
         BLOCK_M=tile.rows, BLOCK_F=tile.block_f, num_warps=tile.num_warps,
     )
-    return dx.view(x.shape), sum_partial_rows(dbias_partial, bias.dtype)
+    return dx, sum_partial_rows(dbias_partial, bias.dtype)
 
 
 class BiasSwigluFunction(torch.autograd.Function):

@@ -179,14 +179,16 @@ def layer_norm_forward(x, weight, bias, eps):
     x2 = _as_rows(x)
     n_rows, n_cols = x2.shape
     tile = row_tile(n_cols, x.element_size(), _FORWARD_TILE_BYTES)
-    y = torch.empty_like(x2)
-    mean = torch.empty(n_rows, dtype=torch.float32, device=x.device)
-    rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    # Outputs are allocated in their final shapes: a .view() per call costs host time.
+    device = x.device
+    y = torch.empty(x.shape, dtype=x.dtype, device=device)  # contiguous: row stride n_cols
+    mean = torch.empty(n_rows, dtype=torch.float32, device=device)
+    rstd = torch.empty(n_rows, dtype=torch.float32, device=device)
     _layer_norm_forward_kernel[(triton.cdiv(n_rows, tile.rows),)](
-        y, x2, weight, bias, mean, rstd, x2.stride(0), y.stride(0), n_rows, n_cols, eps,
+        y, x2, weight, bias, mean, rstd, x2.stride(0), n_cols, n_rows, n_cols, eps,
         BLOCK=tile.block, ROWS=tile.rows, num_warps=tile.num_warps,
     )
-    return y.view(x.shape), mean, rstd
+    return y, mean, rstd
 
 
 def sum_param_grad_partials(dw_partial, db_partial, dtype):
@@ -209,16 +211,17 @@ def layer_norm_backward(dy, x, weight, mean, rstd):
     tile = row_tile(n_cols, x.element_size(), _BACKWARD_TILE_BYTES)
     per_sm = max(1, _WARPS_PER_SM // tile.num_warps)
     num_programs = max(1, min(num_programs_for(x, per_sm=per_sm), triton.cdiv(n_rows, tile.rows)))
-    dx = torch.empty_like(x2)
-    dw_partial = torch.empty(num_programs, n_cols, dtype=torch.float32, device=x.device)
-    db_partial = torch.empty(num_programs, n_cols, dtype=torch.float32, device=x.device)
+    device = x.device
+    dx = torch.empty(x.shape, dtype=x.dtype, device=device)  # contiguous: row stride n_cols
+    dw_partial = torch.empty(num_programs, n_cols, dtype=torch.float32, device=device)
+    db_partial = torch.empty(num_programs, n_cols, dtype=torch.float32, device=device)
     _layer_norm_backward_kernel[(num_programs,)](
         dx, dw_partial, db_partial, dy2, x2, weight, mean, rstd,
-        dx.stride(0), dy2.stride(0), x2.stride(0), n_rows, n_cols,
+        n_cols, dy2.stride(0), x2.stride(0), n_rows, n_cols,
         BLOCK=tile.block, ROWS=tile.rows, num_warps=tile.num_warps,
     )
     dweight, dbias = sum_param_grad_partials(dw_partial, db_partial, weight.dtype)
-    return dx.view(x.shape), dweight, dbias
+    return dx, dweight, dbias
 
 
 class LayerNormFunction(torch.autograd.Function):

@@ -79,6 +79,24 @@ def test_sum_partial_rows_adds_every_row(dtype):
     assert_close("sum", out, partial.sum(0), dtype)
 
 
+@pytest.mark.parametrize("op", OPS)
+def test_bias_activation_reads_rows_of_a_wider_buffer(op):
+    """x's rows may be further apart than its width (a slice); outputs come back contiguous."""
+    fused, reference_fn = OPS[op]
+    x = torch.randn(23, 300, device=DEVICE)[:, :202].requires_grad_(True)  # a strided leaf
+    bias = leaf(torch.randn(202, device=DEVICE))
+    out = fused(x, bias)
+    grad_out = torch.randn(out.shape, device=DEVICE)
+    out.backward(grad_out)
+    reference = [upcast_leaf(x), upcast_leaf(bias)]
+    expected = reference_fn(*reference)
+    expected.backward(grad_out)
+    assert x.stride(0) == 300 and out.is_contiguous()
+    assert_close("y", out, expected, torch.float32)
+    assert_close("dx", x.grad, reference[0].grad, torch.float32)
+    assert_close("dbias", bias.grad, reference[1].grad, torch.float32)
+
+
 def test_bias_gelu_is_the_tanh_approximation_not_erf():
     x = torch.linspace(-4, 4, 64, device=DEVICE).view(1, 64)
     bias = torch.zeros(64, device=DEVICE)

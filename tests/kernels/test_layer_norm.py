@@ -62,6 +62,21 @@ def test_param_grad_partials_sum_over_every_partial_row(dtype):
     assert_close("dbias", dbias, db_partial.sum(0), dtype)
 
 
+def test_layer_norm_reads_rows_of_a_wider_buffer():
+    """x's rows may be further apart than its width (a slice); y and dx come back contiguous."""
+    x = torch.randn(37, 160, device=DEVICE)[:, :100].requires_grad_(True)  # a strided leaf
+    weight, bias = leaf(torch.rand(100, device=DEVICE) + 0.5), leaf(torch.randn(100, device=DEVICE))
+    grad_out = torch.randn(37, 100, device=DEVICE)
+    out = layer_norm(x, weight, bias, 1e-5)
+    out.backward(grad_out)
+    reference = [upcast_leaf(t) for t in (x, weight, bias)]
+    layer_norm_reference(*reference, 1e-5).backward(grad_out)
+    assert x.stride(0) == 160 and out.is_contiguous()
+    assert_close("y", out, layer_norm_reference(*reference, 1e-5), torch.float32)
+    for name, got, want in zip(("dx", "dweight", "dbias"), (x, weight, bias), reference):
+        assert_close(name, got.grad, want.grad, torch.float32)
+
+
 def test_layer_norm_accepts_fp32_weights_with_half_input():
     """Under autocast the model's LayerNorm weights stay fp32 while activations are half."""
     x = leaf(torch.randn(5, 48, device=DEVICE).half())
