@@ -31,7 +31,10 @@ from bloomrun.kernels._launch import check_last_dim_contiguous, num_programs_for
 # are memory-bound: a tile of 4096 values at 8 warps is 16 fp32 values per thread per live
 # tensor (two 16-byte bf16 loads), enough bytes in flight per SM without spilling. The
 # autotuned list this replaces had 32 x 1024 tiles at 4 warps (256 values per thread per
-# tensor) and cost Python on every call; a rule also needs no tuning sweep at start-up.
+# tensor; ptxas for sm_90a: 2.7 KB of spill stores in GELU's backward, 18.7 KB in SwiGLU's)
+# and cost Python on every call; a rule also needs no tuning sweep at start-up. ptxas at
+# F 8192 bf16 for this rule (4 x 1024 tiles, 8 warps): forward 34 registers, backward 80,
+# no spills.
 _TILE_VALUES = 4096
 _MAX_BLOCK_F = 1024
 _VALUES_PER_THREAD = 16
