@@ -20,10 +20,11 @@ from triton.compiler import ASTSource
 # The package exports functions under the submodules' names, so import the modules by path.
 attention_module = importlib.import_module("bloomrun.kernels.attention")
 gelu_module = importlib.import_module("bloomrun.kernels.bias_gelu")
+swiglu_module = importlib.import_module("bloomrun.kernels.bias_swiglu")
 ln_module = importlib.import_module("bloomrun.kernels.layer_norm")
 
 PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas-blackwell"
-INT_ARGS = re.compile(r"^(stride_|num_|seq_len|head_dim|n_rows|n_cols|half$)")
+INT_ARGS = re.compile(r"^(stride_|num_|seq_len|head_dim|n_rows|n_cols|n_partial|tiles_per_group|half$)")
 
 
 def signature(fn, pointer_types: dict[str, str], scalars: dict[str, str]) -> dict[str, str]:
@@ -51,10 +52,11 @@ def ptxas_report(ptx: str) -> str:
     return f"regs={regs.group(1) if regs else '?'} spill_stores={spills.group(1) if spills else '?'}"
 
 
-def report(kernel, pointer_types, scalars, constants) -> None:
-    fn = kernel.fn
+def report(kernel, pointer_types, scalars, constants, configs=None) -> None:
+    """Every config of an autotuned kernel, or `configs` for one launched with a rule."""
+    fn = kernel.fn if configs is None else kernel
     sig = signature(fn, pointer_types, scalars)
-    for config in kernel.configs:
+    for config in configs or kernel.configs:
         consts = dict(constants, **config.kwargs)
         try:
             # As a real launch at the benchmark shapes specialises them: every pointer and
@@ -81,17 +83,39 @@ def main() -> None:
         (attention_module._attention_forward_kernel, {**bf16_qkv, **fp32}, attention_constants),
         (attention_module._attention_backward_dkdv_kernel, {**bf16_qkv, **fp32}, attention_constants),
         (attention_module._attention_backward_dq_kernel, {**bf16_qkv, **fp32}, attention_constants),
+    ]
+    # Kernels launched with a rule instead of the autotuner: the rule's config at the
+    # benchmark shapes (LayerNorm 2048 bf16, GELU F 8192, SwiGLU F 5440).
+    ln_forward = ln_module.row_tile(2048, 2, ln_module._FORWARD_TILE_BYTES)
+    ln_backward = ln_module.row_tile(2048, 2, ln_module._BACKWARD_TILE_BYTES)
+    gelu, swiglu = gelu_module.tile_for(8192), gelu_module.tile_for(5440)
+    bf16_activation = {"Y": "*bf16", "X": "*bf16", "DX": "*bf16", "DY": "*bf16", "Bias": "*bf16", "DBias_partial": "*fp32"}
+    ruled = [
         (ln_module._layer_norm_forward_kernel,
-         {"Y": "*bf16", "X": "*bf16", "W": "*bf16", "B": "*bf16", "Mean": "*fp32", "Rstd": "*fp32"}, dict(BLOCK=2048)),
+         {"Y": "*bf16", "X": "*bf16", "W": "*bf16", "B": "*bf16", "Mean": "*fp32", "Rstd": "*fp32"},
+         dict(BLOCK=ln_forward.block, ROWS=ln_forward.rows), ln_forward.num_warps),
         (ln_module._layer_norm_backward_kernel,
          {"DX": "*bf16", "DY": "*bf16", "X": "*bf16", "W": "*bf16", "Mean": "*fp32", "Rstd": "*fp32",
-          "DW_partial": "*fp32", "DB_partial": "*fp32"}, dict(BLOCK=2048)),
-        (gelu_module._bias_gelu_backward_kernel,
-         {"DX": "*bf16", "DY": "*bf16", "X": "*bf16", "Bias": "*bf16", "DBias_partial": "*fp32"}, dict(BLOCK_M=32)),
+          "DW_partial": "*fp32", "DB_partial": "*fp32"},
+         dict(BLOCK=ln_backward.block, ROWS=ln_backward.rows), ln_backward.num_warps),
+        (ln_module._layer_norm_param_grads_kernel,
+         {"DW": "*bf16", "DB": "*bf16", "DW_partial": "*fp32", "DB_partial": "*fp32"},
+         dict(ROWS=ln_module._REDUCE_ROWS, BLOCK=ln_module._REDUCE_BLOCK), ln_module._REDUCE_WARPS),
+        (gelu_module._bias_gelu_forward_kernel, bf16_activation, dict(BLOCK_M=gelu.rows, BLOCK_F=gelu.block_f), gelu.num_warps),
+        (gelu_module._bias_gelu_backward_kernel, bf16_activation, dict(BLOCK_M=gelu.rows, BLOCK_F=gelu.block_f), gelu.num_warps),
+        (gelu_module._sum_partial_rows_kernel, {"Out": "*bf16", "Partial": "*fp32"},
+         dict(ROWS=gelu_module._REDUCE_ROWS, BLOCK=gelu_module._REDUCE_BLOCK), gelu_module._REDUCE_WARPS),
+        (swiglu_module._bias_swiglu_forward_kernel, bf16_activation,
+         dict(BLOCK_M=swiglu.rows, BLOCK_F=swiglu.block_f), swiglu.num_warps),
+        (swiglu_module._bias_swiglu_backward_kernel, bf16_activation,
+         dict(BLOCK_M=swiglu.rows, BLOCK_F=swiglu.block_f), swiglu.num_warps),
     ]
     for kernel, pointers, constants in kernels:
         if only in kernel.fn.__name__:
             report(kernel, pointers, scalars, constants)
+    for kernel, pointers, constants, num_warps in ruled:
+        if only in kernel.__name__:
+            report(kernel, pointers, scalars, {}, [triton.Config(constants, num_warps=num_warps)])
 
 
 if __name__ == "__main__":

@@ -12,8 +12,8 @@ Forward: one program per (query block, batch*head) keeps a running max and sum i
 slope_h * (j - start of the query block): a per-key vector, one add per score, because the
 softmax cancels the per-row remainder slope_h * (i - block start); the stored log-sum-exp
 has that remainder taken back out, so the backward sees the true one. Taking positions
-relative to the block keeps the added values small (fp32 keeps its precision); the
-backward splits slope_h * (j - i) - lse_i the same way into a key and a query vector. Backward: a small kernel
+relative to the block keeps the added values small (fp32 keeps its precision); the dQ
+kernel splits slope_h * (j - i) - lse_i the same way into a key and a query vector. Backward: a small kernel
 computes delta = rowsum(dO * O), then one kernel per key block accumulates dK and dV over
 the query blocks at or after it, and one per query block accumulates dQ over the key
 blocks up to it. Each loop is split in two: blocks strictly inside the causal triangle
@@ -217,12 +217,10 @@ def _dkdv_block(
     delta = tl.load(delta_ptrs + start_m, mask=row_ok, other=0.0)
     qk_t = tl.dot(k, q_t, input_precision=DOT_PRECISION)  # (N, M)
     if HAS_ALIBI:
-        # slope (n - m) - lse_m split into a key vector and a query vector, both taken
-        # relative to start_m so they stay small: one add per score instead of a
-        # subtract, convert and FMA.
-        key_term = slope * (offs_n - start_m).to(tl.float32)
-        row_term = lse + slope * offs_m0.to(tl.float32)
-        p_t = tl.math.exp2(qk_t * qk_scale + key_term[:, None] - row_term[None, :])
+        # Per-score form on purpose: the dQ kernel's split into a key and a query vector
+        # made ptxas spill more here (156 bytes instead of 104 at 64 x 128, 8 warps, sm_90a;
+        # `python -m bench.compile_report`), and this kernel showed no ALiBi cost on the GPU.
+        p_t = tl.math.exp2(qk_t * qk_scale + slope * (offs_n[:, None] - offs_m[None, :]).to(tl.float32) - lse[None, :])
     else:
         p_t = tl.math.exp2(qk_t * qk_scale - lse[None, :])
     if ON_DIAGONAL:
@@ -297,7 +295,9 @@ def _dq_block(
     k_t = tl.load(k_ptrs + start_n * stride_kt, mask=key_ok[None, :] & d_ok[:, None], other=0.0)  # (D, N)
     v_t = tl.load(v_ptrs + start_n * stride_vt, mask=key_ok[None, :] & d_ok[:, None], other=0.0)  # (D, N)
     qk = tl.dot(q, k_t, input_precision=DOT_PRECISION)
-    if HAS_ALIBI:  # row_term = lse + slope (m - start_m): see the dK/dV block
+    if HAS_ALIBI:
+        # row_term = lse + slope (m - start_m), once per program; slope (n - start_m) is a
+        # key vector per tile: one add per score instead of a subtract, convert and FMA.
         p = tl.math.exp2(qk * qk_scale + (slope * (offs_n - start_m).to(tl.float32))[None, :] - row_term[:, None])
     else:  # row_term = lse
         p = tl.math.exp2(qk * qk_scale - row_term[:, None])
