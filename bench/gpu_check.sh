@@ -32,7 +32,7 @@ run_step() {  # name, seconds, command...
 }
 
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(tests attention layer_norm model activations cross_entropy)
+[ ${#steps[@]} -eq 0 ] && steps=(tests attention layer_norm model activations cross_entropy sweep)
 for step in "${steps[@]}"; do
     case $step in
         attention|layer_norm|cross_entropy|activations)
@@ -45,6 +45,8 @@ for step in "${steps[@]}"; do
         model)  # eager Triton, compiled Triton (custom ops under Inductor), the torch baseline
             run_step model 200 python3 -m bench.model_throughput --variants triton,triton-compile,torch \
                 --out "$OUT/model.json" ;;
+        sweep)  # per-launch device times and the launch rules' knobs of the memory-bound kernels
+            run_step sweep 120 python3 -m bench.memory_bound_sweep ;;
         hf)  # transformers' BloomForCausalLM anchor, not in the default list (the issue gives it)
             run_step hf 90 python3 -m bench.model_throughput --variants hf --out "$OUT/model_hf.json" ;;
         *) echo "unknown step $step" | tee -a "$LOG" ;;
