@@ -11,6 +11,8 @@ test of each op's fake (shapes, dtypes, strides) and autograd registration.
 from __future__ import annotations
 
 import collections
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +22,8 @@ from bloomrun.kernels import library
 from bloomrun.trainer.config import ModelConfig
 from bloomrun.trainer.model import Bloom
 from tests.kernels.conftest import DEVICE
+
+REPO = Path(__file__).resolve().parents[2]
 
 MICRO = dict(preset=None, num_layers=1, hidden_size=32, num_heads=2, seq_length=16, vocab_size=64,
              embedding_layernorm=True)
@@ -67,14 +71,8 @@ def bloomrun_ops(graph_module: torch.fx.GraphModule) -> collections.Counter:
     )
 
 
-@pytest.mark.parametrize("knobs", VARIANTS.values(), ids=VARIANTS.keys())
-def test_fullgraph_compile_runs_the_custom_ops_and_matches_eager(knobs):
-    model = micro_model(knobs)
-    inputs, labels = token_batch()
-    eager = loss_and_grads(model, inputs, labels)
-
-    # aot_eager, with its forward and backward graphs recorded as they are compiled.
-    graphs = []
+def recording_aot_eager(graphs: list):
+    """The aot_eager backend, appending each aten-level graph (forward, then backward) it compiles."""
 
     def record(graph_module, example_inputs):
         graphs.append(graph_module)
@@ -83,8 +81,18 @@ def test_fullgraph_compile_runs_the_custom_ops_and_matches_eager(knobs):
     def backend(graph_module, example_inputs):
         return aot_eager(graph_module, example_inputs, fw_compiler=record, bw_compiler=record)
 
+    return backend
+
+
+@pytest.mark.parametrize("knobs", VARIANTS.values(), ids=VARIANTS.keys())
+def test_fullgraph_compile_runs_the_custom_ops_and_matches_eager(knobs):
+    model = micro_model(knobs)
+    inputs, labels = token_batch()
+    eager = loss_and_grads(model, inputs, labels)
+
+    graphs = []
     torch._dynamo.reset()
-    model.compile(backend=backend, fullgraph=True)  # in place, as the trainer does; a graph break raises
+    model.compile(backend=recording_aot_eager(graphs), fullgraph=True)  # in place, as the trainer does; a graph break raises
     assert_same_run(loss_and_grads(model, inputs, labels), eager)
 
     forward, backward = graphs
@@ -116,15 +124,16 @@ def test_compiled_model_without_grad_skips_the_cross_entropy_gradients():
     """Evaluation under no_grad: the loss alone, no gradient buffers of the vocabulary's size."""
     model = micro_model(VARIANTS["alibi-gelu"])
     inputs, labels = token_batch()
+    graphs = []
     with torch.no_grad():
         eager = model(inputs, labels=labels)
         torch._dynamo.reset()
-        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)(inputs, labels=labels)
+        compiled = torch.compile(model, backend=recording_aot_eager(graphs), fullgraph=True)(inputs, labels=labels)
     torch.testing.assert_close(compiled, eager, atol=1e-6, rtol=1e-6)
-    hidden, weight = torch.randn(5, 32), torch.randn(64, 32)
-    _, d_hidden, d_weight = library.linear_cross_entropy_forward(
-        hidden, weight, torch.randint(0, 64, (5,)), -100, False, False)
-    assert d_hidden.numel() == 0 and d_weight.numel() == 0
+    (graph,) = graphs
+    (cross_entropy,) = [node for node in graph.graph.nodes if "linear_cross_entropy" in str(node.target)]
+    need_d_hidden, need_d_weight = cross_entropy.args[4:6]
+    assert not need_d_hidden and not need_d_weight
 
 
 # ---------------------------------------------------------------------- opcheck
@@ -181,3 +190,47 @@ def test_opcheck(op_name):
 def test_every_registered_op_is_opchecked():
     registered = {name for name, value in vars(library).items() if isinstance(value, torch.library.CustomOpDef)}
     assert registered == OPCHECK_ARGS.keys()
+
+
+# ---------------------------------------------------------------------- the trainer's path
+
+
+def compare_trainer_runs(folder: str) -> None:
+    """In a fresh process: the trainer with `training.compile` (model.compile(), then the
+    DeepSpeed engine) against the same run without it; prints the result as JSON."""
+    import json
+
+    from torch._dynamo.utils import counters
+
+    from bloomrun.trainer.config import TrainerConfig
+    from bloomrun.trainer.trainer import Trainer
+    from tests.trainer.trainer_runs import config, write_corpus
+
+    corpus = write_corpus(Path(folder) / "corpus")
+    result = {}
+    for compile_model in (False, True):
+        cfg = config(corpus, Path(folder) / f"compile-{compile_model}", steps=2, zero=0, micro=2,
+                     compile=compile_model, precision="fp32")
+        cfg["model"].update(kernels="triton", numHeads=2)  # head dim 16, attention's minimum
+        cfg["training"]["globalBatchSize"] = 2  # one micro-batch a step
+        trainer = Trainer(TrainerConfig.model_validate(cfg), serve_metrics=False)
+        result[f"losses_compile_{compile_model}"] = [trainer.train_step().loss for _ in range(2)]
+        trainer.close()
+    result["graph_breaks"] = dict(counters["graph_break"])
+    result["unique_graphs"] = counters["stats"]["unique_graphs"]
+    print("RESULT " + json.dumps(result))
+
+
+@pytest.mark.slow
+def test_trainer_with_compile_runs_the_triton_model_in_one_graph(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    code = f"from tests.kernels.test_compile import compare_trainer_runs; compare_trainer_runs({str(tmp_path)!r})"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(proc.stdout.split("RESULT ", 1)[1])
+    assert result["graph_breaks"] == {} and result["unique_graphs"] == 1, result
+    torch.testing.assert_close(result["losses_compile_True"], result["losses_compile_False"], atol=1e-5, rtol=1e-5)
