@@ -109,6 +109,28 @@ def test_fullgraph_compile_runs_the_custom_ops_and_matches_eager(knobs):
     }
 
 
+def test_fullgraph_compile_under_autocast_matches_eager():
+    """The trainer's precision (autocast over fp32 weights; fp16 on the CPU, where the
+    interpreter's bf16 tl.dot is wrong): custom ops see the autocast dtypes eager sees, and
+    the cross-entropy casts its operands itself, as in eager."""
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float16
+    model = micro_model(VARIANTS["alibi-gelu"])
+    inputs, labels = token_batch()
+
+    def run():
+        with torch.autocast(DEVICE, dtype=dtype):
+            return loss_and_grads(model, inputs, labels)
+
+    eager = run()
+    torch._dynamo.reset()
+    model.compile(backend="aot_eager", fullgraph=True)
+    compiled = run()
+    torch.testing.assert_close(compiled[0], eager[0], atol=1e-4, rtol=1e-4)
+    for name, grad in compiled[1].items():
+        assert grad.dtype == torch.float32
+        torch.testing.assert_close(grad, eager[1][name], atol=1e-4, rtol=1e-3, msg=lambda m: f"{name}: {m}")
+
+
 def test_inductor_compile_matches_eager():
     """The default backend: Inductor generates the glue (C++ on the CPU) around our ops and
     passes them the strides it chose, here for q, k, v as strided views of the QKV buffer."""
