@@ -172,8 +172,8 @@ def _as_rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
-def layer_norm_forward(x, weight, bias, eps):
-    """Returns (y, mean, rstd); y has x's shape and dtype."""
+def layer_norm_forward(x, weight, bias, eps, out_dtype=None):
+    """Returns (y, mean, rstd); y has x's shape and dtype, or `out_dtype` when given."""
     if weight.shape != (x.shape[-1],) or bias.shape != (x.shape[-1],):
         raise ValueError(f"layer_norm weight/bias must be ({x.shape[-1]},), got {tuple(weight.shape)}, {tuple(bias.shape)}")
     x2 = _as_rows(x)
@@ -181,7 +181,7 @@ def layer_norm_forward(x, weight, bias, eps):
     tile = row_tile(n_cols, x.element_size(), _FORWARD_TILE_BYTES)
     # Outputs are allocated in their final shapes: a .view() per call costs host time.
     device = x.device
-    y = torch.empty(x.shape, dtype=x.dtype, device=device)  # contiguous: row stride n_cols
+    y = torch.empty(x.shape, dtype=out_dtype or x.dtype, device=device)  # contiguous: row stride n_cols
     mean = torch.empty(n_rows, dtype=torch.float32, device=device)
     rstd = torch.empty(n_rows, dtype=torch.float32, device=device)
     _layer_norm_forward_kernel[(triton.cdiv(n_rows, tile.rows),)](
@@ -226,8 +226,8 @@ def layer_norm_backward(dy, x, weight, mean, rstd):
 
 class LayerNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, eps):
-        y, mean, rstd = layer_norm_forward(x, weight, bias, eps)
+    def forward(ctx, x, weight, bias, eps, out_dtype):
+        y, mean, rstd = layer_norm_forward(x, weight, bias, eps, out_dtype)
         ctx.save_for_backward(x, weight, mean, rstd)
         return y
 
@@ -235,12 +235,20 @@ class LayerNormFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight, mean, rstd = ctx.saved_tensors
         dx, dweight, dbias = layer_norm_backward(dy, x, weight, mean, rstd)
-        return dx, dweight, dbias, None
+        return dx, dweight, dbias, None, None
 
 
-def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """LayerNorm over the last dimension of x (any leading shape); y in x's dtype."""
-    return LayerNormFunction.apply(x, weight, bias, eps)
+def layer_norm(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5, out_dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """LayerNorm over the last dimension of x (any leading shape); y in x's dtype or `out_dtype`.
+
+    `out_dtype` lets a LayerNorm whose output only feeds a matmul write it in the autocast
+    dtype directly: under autocast the fp32 residual stream would otherwise be normalised
+    into fp32 and then cast by a separate kernel (a write and a read of 4 bytes a value
+    more, per LayerNorm, each way). dx stays in x's dtype.
+    """
+    return LayerNormFunction.apply(x, weight, bias, eps, out_dtype)
 
 
 def layer_norm_reference(x, weight, bias, eps=1e-5):

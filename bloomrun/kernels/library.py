@@ -53,15 +53,17 @@ def _rows(x: Tensor) -> int:
 
 
 @torch.library.custom_op("bloomrun::layer_norm_forward", mutates_args=())
-def layer_norm_forward(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """(y, mean, rstd): y like x, mean and rstd (rows,) fp32."""
-    return host_layer_norm_forward(last_dim_contiguous(x), weight, bias, eps)
+def layer_norm_forward(
+    x: Tensor, weight: Tensor, bias: Tensor, eps: float, out_dtype: torch.dtype | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(y, mean, rstd): y like x (in `out_dtype` if given), mean and rstd (rows,) fp32."""
+    return host_layer_norm_forward(last_dim_contiguous(x), weight, bias, eps, out_dtype)
 
 
 @layer_norm_forward.register_fake
-def _(x, weight, bias, eps):
+def _(x, weight, bias, eps, out_dtype):
     stats = x.new_empty(_rows(x), dtype=torch.float32)
-    return x.new_empty(x.shape), stats, torch.empty_like(stats)
+    return x.new_empty(x.shape, dtype=out_dtype or x.dtype), stats, torch.empty_like(stats)
 
 
 @torch.library.custom_op("bloomrun::layer_norm_backward", mutates_args=())
@@ -76,7 +78,7 @@ def _(dy, x, weight, mean, rstd):
 
 
 def _layer_norm_setup(ctx, inputs, output):
-    x, weight, _bias, _eps = inputs
+    x, weight, _bias, _eps, _out_dtype = inputs
     _y, mean, rstd = output
     ctx.save_for_backward(x, weight, mean, rstd)
     ctx.mark_non_differentiable(mean, rstd)
@@ -85,7 +87,7 @@ def _layer_norm_setup(ctx, inputs, output):
 def _layer_norm_backward(ctx, dy, _dmean, _drstd):
     x, weight, mean, rstd = ctx.saved_tensors
     dx, dweight, dbias = layer_norm_backward(dy, x, weight, mean, rstd)
-    return dx, dweight, dbias, None
+    return dx, dweight, dbias, None, None
 
 
 layer_norm_forward.register_autograd(_layer_norm_backward, setup_context=_layer_norm_setup)
@@ -293,8 +295,10 @@ linear_cross_entropy_forward.register_autograd(_linear_cross_entropy_backward, s
 # ---------------------------------------------------------------------- the public API, as ops
 
 
-def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5) -> Tensor:
-    return layer_norm_forward(x, weight, bias, eps)[0]
+def layer_norm(
+    x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5, out_dtype: torch.dtype | None = None
+) -> Tensor:
+    return layer_norm_forward(x, weight, bias, eps, out_dtype)[0]
 
 
 def bias_gelu(x: Tensor, bias: Tensor) -> Tensor:

@@ -12,6 +12,7 @@ import zlib
 
 import pytest
 import torch
+import torch.utils._device as torch_device_module
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -39,6 +40,13 @@ def assert_close(name: str, actual: torch.Tensor, expected: torch.Tensor, dtype:
         rel_l2 = ((actual - expected).norm() / expected.norm()).item()
         assert rel_l2 <= tol["rel_l2"], f"{name}: relative L2 error {rel_l2:.2e} > {tol['rel_l2']:.0e}"
     torch.testing.assert_close(actual, expected, atol=tol["atol"], rtol=tol["rtol"], msg=lambda m: f"{name}: {m}")
+
+
+# torch caches its list of tensor constructors (torch.empty among them) the first time a
+# `with torch.device(...)` block runs; torch.compile opens one. Were that first time inside a
+# test below, the cache would keep the poisoning lambda instead of torch.empty, and every
+# later `with torch.device("meta")` would quietly allocate real memory (a 7B model on the CPU).
+torch_device_module._device_constructors()
 
 
 @pytest.fixture(autouse=True)

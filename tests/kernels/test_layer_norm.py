@@ -91,3 +91,26 @@ def test_layer_norm_accepts_fp32_weights_with_half_input():
 def test_layer_norm_rejects_wrong_weight_shape():
     with pytest.raises(ValueError, match="weight/bias"):
         layer_norm(torch.randn(2, 8, device=DEVICE), torch.ones(4, device=DEVICE), torch.zeros(8, device=DEVICE), 1e-5)
+
+
+@pytest.mark.parametrize("out_dtype", [d for d in DTYPES if d != torch.float32], ids=str)
+def test_layer_norm_writes_the_requested_output_dtype(out_dtype):
+    """fp32 activations (autocast's residual stream) normalised straight into the matmul's
+    dtype: y is the fp32 result rounded once, dx stays fp32, and the gradient that arrives
+    in the half dtype (from the matmul) is read as it is."""
+    lead, width = (3, 5), 96
+    x = leaf(torch.randn(*lead, width, device=DEVICE) * 2 + 0.5)
+    weight = leaf(1 + 0.1 * torch.randn(width, device=DEVICE))
+    bias = leaf(0.1 * torch.randn(width, device=DEVICE))
+    grad_out = torch.randn(*lead, width, device=DEVICE).to(out_dtype)
+
+    out = layer_norm(x, weight, bias, 1e-5, out_dtype=out_dtype)
+    out.backward(grad_out)
+    reference = [upcast_leaf(t) for t in (x, weight, bias)]
+    expected = layer_norm_reference(*reference, 1e-5)
+    expected.backward(grad_out.float())
+
+    assert out.dtype == out_dtype and x.grad.dtype == torch.float32
+    assert_close("y", out, expected.to(out_dtype), out_dtype)
+    for name, got, want in zip(("dx", "dweight", "dbias"), (x, weight, bias), reference):
+        assert_close(name, got.grad, want.grad, torch.float32)

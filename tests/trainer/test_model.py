@@ -299,3 +299,32 @@ def test_triton_kernels_train_the_same_model_as_torch(position, activation):
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-5)
     for (name, p_ref), p_fused in zip(reference.named_parameters(), fused.parameters()):
         torch.testing.assert_close(p_fused.grad, p_ref.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_under_autocast_layer_norms_before_a_matmul_write_its_dtype_and_the_residual_stays_fp32():
+    """Every LayerNorm but the embedding one feeds only a matmul, so under autocast it writes
+    the matmul's dtype (no separate cast); the embedding LayerNorm's output is the residual
+    stream, which must stay fp32. The loss is the same as with the cast left to autocast."""
+    model = build(embedding_layernorm=True, kernels="torch")
+    seen = {}
+
+    def record(name):
+        def hook(module, args, out):
+            seen[name] = out.dtype  # returns None: a hook's return value would replace the output
+        return hook
+
+    for name, module in model.named_modules():
+        if name.endswith("layernorm") or name == "ln_f":
+            module.register_forward_hook(record(name))
+    ids = random_ids()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(ids, labels=ids)
+    assert seen.pop("word_embeddings_layernorm") == torch.float32
+    assert seen and set(seen.values()) == {torch.bfloat16}, seen
+
+    for module in model.modules():
+        if hasattr(module, "feeds_matmul"):
+            module.feeds_matmul = False
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast_by_autocast = model(ids, labels=ids)
+    torch.testing.assert_close(loss, cast_by_autocast, rtol=0, atol=0)

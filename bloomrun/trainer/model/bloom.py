@@ -38,17 +38,24 @@ def mlp_width(hidden_size: int, activation: str) -> int:
 
 
 class LayerNorm(nn.Module):
-    """nn.LayerNorm's parameters (`weight`, `bias`) computed through ops.layer_norm."""
+    """nn.LayerNorm's parameters (`weight`, `bias`) computed through ops.layer_norm.
 
-    def __init__(self, size: int, eps: float, backend: str):
+    `feeds_matmul`: the output is only ever a matmul's input (every LayerNorm but the
+    embedding one, whose output is the residual stream), so under autocast it may be written
+    in the matmul's dtype directly (ops.matmul_input_dtype).
+    """
+
+    def __init__(self, size: int, eps: float, backend: str, feeds_matmul: bool = True):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
         self.bias = nn.Parameter(torch.zeros(size))
         self.eps = eps
         self.backend = backend
+        self.feeds_matmul = feeds_matmul
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.layer_norm(x, self.weight, self.bias, self.eps, backend=self.backend)
+        out_dtype = ops.matmul_input_dtype(x) if self.feeds_matmul else None
+        return ops.layer_norm(x, self.weight, self.bias, self.eps, out_dtype=out_dtype, backend=self.backend)
 
 
 class Attention(nn.Module):
@@ -130,7 +137,9 @@ class Bloom(nn.Module):
             nn.Embedding(shape.seq_length, shape.hidden_size) if cfg.position == "learned" else None
         )
         self.word_embeddings_layernorm = (
-            LayerNorm(shape.hidden_size, cfg.layer_norm_epsilon, cfg.kernels) if cfg.embedding_layernorm else None
+            LayerNorm(shape.hidden_size, cfg.layer_norm_epsilon, cfg.kernels, feeds_matmul=False)
+            if cfg.embedding_layernorm
+            else None
         )
         self.h = nn.ModuleList(Block(cfg) for _ in range(shape.num_layers))
         self.ln_f = LayerNorm(shape.hidden_size, cfg.layer_norm_epsilon, cfg.kernels)

@@ -49,12 +49,31 @@ def triton_op(name: str):
 
 
 def layer_norm(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, *, backend: Backend = "auto"
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+    *,
+    out_dtype: torch.dtype | None = None,
+    backend: Backend = "auto",
 ) -> torch.Tensor:
-    """LayerNorm over the last dimension (also the embedding LayerNorm)."""
+    """LayerNorm over the last dimension (also the embedding LayerNorm); y in x's dtype, or
+    `out_dtype` when given (see `matmul_input_dtype`)."""
     if use_triton(backend, x):
-        return triton_op("layer_norm")(x, weight, bias, eps)
-    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+        return triton_op("layer_norm")(x, weight, bias, eps, out_dtype)
+    y = F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+    return y if out_dtype is None else y.to(out_dtype)
+
+
+def matmul_input_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype a matmul would cast `x` to under autocast, None without autocast.
+
+    A LayerNorm whose output only feeds a matmul writes it in this dtype: autocast would cast
+    it there anyway, and the Triton kernel can round in its own store instead of a separate
+    cast kernel reading and writing the whole activation again. Same numbers either way.
+    """
+    device_type = x.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 
 def bias_gelu(x: torch.Tensor, bias: torch.Tensor, *, backend: Backend = "auto") -> torch.Tensor:
