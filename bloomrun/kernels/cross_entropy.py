@@ -126,12 +126,18 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     hidden (N, C), weight (V, C), targets (N,). Under autocast both operands are cast to
     the autocast dtype first, as F.linear would be. Returns a scalar fp32 loss.
     """
-    device_type = hidden.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        hidden, weight = hidden.to(dtype), weight.to(dtype)
-    with torch.autocast(device_type, enabled=False):
+    hidden, weight = autocast_operands(hidden, weight)
+    with torch.autocast(hidden.device.type, enabled=False):
         return LinearCrossEntropyFunction.apply(hidden, weight, targets, ignore_index)
+
+
+def autocast_operands(hidden: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both operands in the autocast dtype when autocast is on (what F.linear would use)."""
+    device_type = hidden.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return hidden, weight
+    dtype = torch.get_autocast_dtype(device_type)
+    return hidden.to(dtype), weight.to(dtype)
 
 
 def linear_cross_entropy_reference(hidden, weight, targets, ignore_index=-100):

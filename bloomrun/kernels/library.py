@@ -29,6 +29,7 @@ from bloomrun.kernels.bias_gelu import bias_gelu_backward as host_bias_gelu_back
 from bloomrun.kernels.bias_gelu import bias_gelu_forward as host_bias_gelu_forward
 from bloomrun.kernels.bias_swiglu import bias_swiglu_backward as host_bias_swiglu_backward
 from bloomrun.kernels.bias_swiglu import bias_swiglu_forward as host_bias_swiglu_forward
+from bloomrun.kernels.cross_entropy import autocast_operands
 from bloomrun.kernels.cross_entropy import linear_cross_entropy_forward as host_linear_cross_entropy_forward
 from bloomrun.kernels.layer_norm import layer_norm_backward as host_layer_norm_backward
 from bloomrun.kernels.layer_norm import layer_norm_forward as host_layer_norm_forward
@@ -319,10 +320,7 @@ def apply_rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor
 
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:
     """As `bloomrun.kernels.linear_cross_entropy`: operands cast to the autocast dtype first."""
-    device_type = hidden.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        hidden, weight = hidden.to(dtype), weight.to(dtype)
+    hidden, weight = autocast_operands(hidden, weight)
     grad = torch.is_grad_enabled()
     loss, _, _ = linear_cross_entropy_forward(
         hidden, weight, targets, ignore_index, grad and hidden.requires_grad, grad and weight.requires_grad
