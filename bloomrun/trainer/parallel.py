@@ -88,7 +88,9 @@ def build_deepspeed_config(cfg: TrainerConfig, world: World, global_batch: int) 
         "train_batch_size": global_batch,
         "train_micro_batch_size_per_gpu": training.micro_batch_size,
         "gradient_accumulation_steps": accumulation,
-        "gradient_clipping": cfg.optim.grad_clip,
+        # Under stage 0 the optimizer clips inside its fused kernel (GuardedAdamW.grad_norm);
+        # DeepSpeed's clipping would read every gradient twice more (norm, then scale).
+        "gradient_clipping": 0.0 if zero_stage(cfg, world) == 0 else cfg.optim.grad_clip,
         # A client optimizer (our AdamW) under ZeRO: DeepSpeed only knows its own by name.
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**62,  # we log ourselves, one line per step
@@ -133,15 +135,26 @@ class GuardedAdamW(torch.optim.AdamW):
     DeepSpeed itself checks for overflow depends on stage and precision (stage 3 only for
     fp16); checking here covers every configuration. `bad_loss` is set by the trainer
     before `engine.step()`; `applied` says afterwards whether the weights moved.
+
+    Under ZeRO stage 0 the trainer also sets `grad_norm`, the norm of the whole (already
+    averaged) gradient, which it measures anyway. Then the fused kernel does the rest on the
+    device: gradients are divided by max(1, norm / grad_clip) (clipping, as DeepSpeed's
+    would) and a non-finite norm or loss sets its `found_inf`, which skips the update. No
+    gradient is read again and the host never waits; `applied` is then a device tensor,
+    read once the step's results are synchronised anyway.
     """
 
-    def __init__(self, params, **kwargs):
+    def __init__(self, params, grad_clip: float = 0.0, **kwargs):
         super().__init__(params, **kwargs)
+        self.grad_clip = grad_clip
         self.bad_loss: torch.Tensor | None = None
-        self.applied = False
+        self.grad_norm: torch.Tensor | None = None
+        self.applied: bool | torch.Tensor = False
 
     @torch.no_grad()
     def step(self, closure=None):
+        if self.grad_norm is not None and self.defaults["fused"]:
+            return self._step_on_device(closure)
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
         bad = torch.zeros((), dtype=torch.float32, device=grads[0].device if grads else "cpu")
         if grads:
@@ -156,6 +169,27 @@ class GuardedAdamW(torch.optim.AdamW):
             return None
         self.applied = True
         return super().step(closure)
+
+    def _step_on_device(self, closure):
+        norm = self.grad_norm.float()
+        self.grad_norm = None  # one step's measurement
+        bad = (~torch.isfinite(norm)).float()
+        if self.bad_loss is not None:
+            bad = torch.maximum(bad, self.bad_loss.to(bad.device).float())
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        scale = None
+        if self.grad_clip > 0:
+            # DeepSpeed's clip: coefficient max_norm / (norm + 1e-6) when below 1. A skipped
+            # step's scale is never used, so a non-finite norm is replaced rather than spread.
+            scale = torch.where(bad > 0, 1.0, torch.clamp((norm + 1e-6) / self.grad_clip, min=1.0))
+        self.found_inf, self.grad_scale = bad, scale  # read by torch's fused AdamW step
+        try:
+            result = super().step(closure)
+        finally:
+            del self.found_inf, self.grad_scale
+        self.applied = bad == 0
+        return result
 
 
 @torch.no_grad()
@@ -172,13 +206,13 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainerConfig, world: World) ->
     optim = cfg.optim
     return GuardedAdamW(
         weight_decay_groups(model, optim.weight_decay),
+        grad_clip=optim.grad_clip if zero_stage(cfg, world) == 0 else 0.0,
         lr=optim.lr,
         betas=(optim.beta1, optim.beta2),
         eps=optim.eps,
-        # One fused kernel for the whole update on a GPU; foreach on the CPU (no fused CPU kernel
-        # for every dtype, and the CPU run is the small demo).
-        fused=world.is_cuda,
-        foreach=None if world.is_cuda else True,
+        # One fused kernel for the whole update (torch has it for the CPU too, in the fp32 the
+        # weights always are); it is also what clips and skips on the device under stage 0.
+        fused=True,
     )
 
 

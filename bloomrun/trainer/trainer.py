@@ -233,8 +233,8 @@ class Trainer:
             self.optimizer.bad_loss = ~torch.isfinite(loss_sum)
             if self._measure_grad_norm and self.engine.is_gradient_accumulation_boundary():
                 unclipped_norm = parallel.gradient_norm(self.engine.module)
+                self.optimizer.grad_norm = unclipped_norm  # it clips and guards with it
             self.engine.step()
-        applied = self.optimizer.applied
 
         # One all-reduce for everything ranks must agree on.
         minutes = self.cfg.checkpoint.every_minutes
@@ -244,6 +244,7 @@ class Trainer:
             torch.tensor(float(time_due), dtype=torch.float64),
         ]))
         seconds = time.perf_counter() - start
+        applied = bool(self.optimizer.applied)  # maybe a device flag: the device is synchronised now
         loss = float(agreed[0]) / (accumulation * self.world.world_size)
         grad_norm = self.engine.get_global_grad_norm() if unclipped_norm is None else unclipped_norm
         grad_norm = float(grad_norm) if grad_norm is not None else math.nan

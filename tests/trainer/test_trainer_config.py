@@ -31,6 +31,11 @@ def test_one_rank_runs_without_zero_partitioning():
     one = parallel.World(rank=0, local_rank=0, world_size=1, node_rank=0, device="cuda")
     ds = parallel.build_deepspeed_config(trainer_config(zeroStage=3), one, 64)
     assert ds["zero_optimization"] == {"stage": 0}
+    # Stage 0 clips in the optimizer's fused step, so DeepSpeed must not clip a second time.
+    assert ds["gradient_clipping"] == 0.0
+    model = torch.nn.Linear(2, 2)
+    assert parallel.build_optimizer(model, trainer_config(zeroStage=3), one).grad_clip == 1.0
+    assert parallel.build_optimizer(model, trainer_config(zeroStage=3), GPU8).grad_clip == 0.0
     assert parallel.build_deepspeed_config(trainer_config(zeroStage=3), GPU8, 64)["zero_optimization"]["stage"] == 3
 
 
@@ -80,3 +85,51 @@ def test_test_hooks_and_labels():
     assert run_labels({}) == ("local", "local")
     assert run_labels({"BLOOMRUN_RUN_NAMESPACE": "team", "BLOOMRUN_RUN_NAME": "r1"}) == ("team", "r1")
     assert run_labels({"BLOOMRUN_NAMESPACE": "team", "BLOOMRUN_RUN": "r2"}) == ("team", "r2")
+
+
+def fused_guarded(grad_clip=1.0):
+    weight = torch.nn.Parameter(torch.full((3,), 1.0))
+    return weight, parallel.GuardedAdamW([weight], grad_clip=grad_clip, lr=0.1, fused=True)
+
+
+def test_with_the_gradient_norm_given_the_fused_step_clips_like_deepspeed():
+    """Under stage 0 the trainer hands over the norm it measured; the update must equal
+    DeepSpeed's clip (gradients times max_norm / (norm + 1e-6)) followed by AdamW."""
+    grad = torch.tensor([3.0, -4.0, 12.0])  # norm 13
+    weight, opt = fused_guarded(grad_clip=1.0)
+    weight.grad = grad.clone()
+    opt.grad_norm = grad.norm()
+    opt.step()
+    reference = torch.nn.Parameter(torch.full((3,), 1.0))
+    reference.grad = grad * (1.0 / (13.0 + 1e-6))
+    expected_opt = torch.optim.AdamW([reference], lr=0.1)
+    expected_opt.step()
+    assert bool(opt.applied) and opt.grad_norm is None
+    torch.testing.assert_close(opt.state[weight]["exp_avg"], expected_opt.state[reference]["exp_avg"])
+    torch.testing.assert_close(weight.data, reference.data)
+    torch.testing.assert_close(weight.grad, reference.grad)  # clipped in place, as DeepSpeed's clip does
+
+
+def test_with_the_gradient_norm_given_small_gradients_are_not_scaled_up():
+    grad = torch.tensor([0.1, 0.2, -0.2])
+    weight, opt = fused_guarded(grad_clip=1.0)
+    weight.grad = grad.clone()
+    opt.grad_norm = grad.norm()
+    opt.step()
+    torch.testing.assert_close(opt.state[weight]["exp_avg"], 0.1 * grad)  # (1 - beta1) * grad, unscaled
+
+
+@pytest.mark.parametrize("bad", ["norm", "loss"])
+def test_with_the_gradient_norm_given_a_non_finite_norm_or_loss_skips_on_the_device(bad):
+    weight, opt = fused_guarded()
+    weight.grad = torch.ones(3)
+    opt.grad_norm = torch.tensor(float("nan") if bad == "norm" else 1.7)
+    opt.bad_loss = torch.tensor(bad == "loss")
+    opt.step()
+    assert isinstance(opt.applied, torch.Tensor) and not bool(opt.applied)
+    assert weight.eq(1.0).all() and int(opt.state[weight]["step"]) == 0
+    assert not hasattr(opt, "found_inf") and not hasattr(opt, "grad_scale"), "one step's flags must not linger"
+    opt.bad_loss = None
+    opt.grad_norm = torch.tensor(1.7)
+    opt.step()
+    assert bool(opt.applied) and weight.lt(1.0).all() and int(opt.state[weight]["step"]) == 1
