@@ -80,6 +80,12 @@ def zero_stage(cfg: TrainerConfig, world: World) -> int:
     return cfg.training.zero_stage if world.world_size > 1 else 0
 
 
+def optimizer_clips(cfg: TrainerConfig, world: World) -> bool:
+    """Whether GuardedAdamW clips (inside its fused step) instead of DeepSpeed: under stage 0,
+    where the trainer measures the whole gradient's norm anyway and hands it over."""
+    return zero_stage(cfg, world) == 0
+
+
 def build_deepspeed_config(cfg: TrainerConfig, world: World, global_batch: int) -> dict:
     """The DeepSpeed config dict: pure, so tests can read it without starting an engine."""
     training = cfg.training
@@ -88,9 +94,8 @@ def build_deepspeed_config(cfg: TrainerConfig, world: World, global_batch: int) 
         "train_batch_size": global_batch,
         "train_micro_batch_size_per_gpu": training.micro_batch_size,
         "gradient_accumulation_steps": accumulation,
-        # Under stage 0 the optimizer clips inside its fused kernel (GuardedAdamW.grad_norm);
-        # DeepSpeed's clipping would read every gradient twice more (norm, then scale).
-        "gradient_clipping": 0.0 if zero_stage(cfg, world) == 0 else cfg.optim.grad_clip,
+        # When the optimizer clips, DeepSpeed's clipping would read every gradient twice more.
+        "gradient_clipping": 0.0 if optimizer_clips(cfg, world) else cfg.optim.grad_clip,
         # A client optimizer (our AdamW) under ZeRO: DeepSpeed only knows its own by name.
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**62,  # we log ourselves, one line per step
@@ -153,7 +158,7 @@ class GuardedAdamW(torch.optim.AdamW):
 
     @torch.no_grad()
     def step(self, closure=None):
-        if self.grad_norm is not None and self.defaults["fused"]:
+        if self.grad_norm is not None:  # needs fused=True: torch refuses grad_scale otherwise
             return self._step_on_device(closure)
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
         bad = torch.zeros((), dtype=torch.float32, device=grads[0].device if grads else "cpu")
@@ -206,7 +211,7 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainerConfig, world: World) ->
     optim = cfg.optim
     return GuardedAdamW(
         weight_decay_groups(model, optim.weight_decay),
-        grad_clip=optim.grad_clip if zero_stage(cfg, world) == 0 else 0.0,
+        grad_clip=optim.grad_clip if optimizer_clips(cfg, world) else 0.0,
         lr=optim.lr,
         betas=(optim.beta1, optim.beta2),
         eps=optim.eps,

@@ -135,8 +135,9 @@ class Trainer:
         self._bad_streak_start = 0
         self._stop_requested = False
         # DeepSpeed records the global gradient norm only when ZeRO (1-3) computes it; under
-        # stage 0 it clips without keeping the norm, so the trainer measures it itself.
-        self._measure_grad_norm = parallel.zero_stage(cfg, world) == 0
+        # stage 0 the trainer measures it, and the optimizer clips and guards with it
+        # (parallel.optimizer_clips).
+        self._measure_grad_norm = parallel.optimizer_clips(cfg, world)
         self._poison = parse_poison(os.environ.get(POISON_ENV))
         self._trace = os.environ.get(TRACE_ENV)
         self._last_progress: tuple[float | None, float | None] = (None, None)  # (loss, tokens/s)
