@@ -10,7 +10,6 @@ helpers use it on machines that have neither.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -434,11 +433,3 @@ def load_manifest(path: str | Path) -> BloomRun:
     except ManifestError as err:
         raise ManifestError(f"{path}: {err}") from None
 
-
-def to_manifest(run: BloomRun) -> dict:
-    """The manifest as the API server would store it (camelCase, no nulls)."""
-    return run.model_dump(by_alias=True, mode="json", exclude_none=True, exclude={"status"})
-
-
-def is_valid_run_name(name: str) -> bool:
-    return len(name) <= MAX_RUN_NAME and re.fullmatch(RUN_NAME_PATTERN, name) is not None
