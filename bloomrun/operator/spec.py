@@ -432,4 +432,3 @@ def load_manifest(path: str | Path) -> BloomRun:
         return parse_manifest(documents[0])
     except ManifestError as err:
         raise ManifestError(f"{path}: {err}") from None
-
