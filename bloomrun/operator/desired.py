@@ -89,7 +89,8 @@ def rendezvous_endpoint(run: Run) -> str:
 
 
 def labels(run: Run, component: str) -> dict[str, str]:
-    result = {
+    """The labels every child carries (the queue label is the workers' alone: worker_labels)."""
+    return {
         "app.kubernetes.io/name": "bloomrun",
         "app.kubernetes.io/instance": run.name,
         "app.kubernetes.io/component": component,
@@ -97,6 +98,12 @@ def labels(run: Run, component: str) -> dict[str, str]:
         MANAGED_BY: OPERATOR,
         RUN_LABEL: run.name,
     }
+
+
+def worker_labels(run: Run, index: int) -> dict[str, str]:
+    """A worker's own labels. The Kueue queue goes on the pods only: Kueue admits pods, and
+    on the ConfigMap, Service and RBAC objects the label named a queue nothing admits."""
+    result = {INDEX_LABEL: str(index), HASH_LABEL: template_hash(run)}
     if run.spec.queue:
         result[QUEUE_LABEL] = run.spec.queue
     return result
@@ -316,8 +323,7 @@ def infra_hash(run: Run) -> str:
 
 def desired_worker(run: Run, index: int) -> dict:
     pod_spec = worker_pod_spec(run) | {"hostname": worker_name(run, index)}
-    metadata = _metadata(run, worker_name(run, index), "worker",
-                         **{INDEX_LABEL: str(index), HASH_LABEL: template_hash(run)})
+    metadata = _metadata(run, worker_name(run, index), "worker", **worker_labels(run, index))
     return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": pod_spec}
 
 

@@ -85,9 +85,12 @@ def test_template_hash_changes_with_the_pod_spec_but_not_with_suspend():
     assert desired.template_hash(make_run(optim={"lr": 1e-4})) != base  # the config changed
 
 
-def test_queue_label_for_kueue():
-    pod = desired.desired_worker(make_run(queue="research"), 0)
+def test_queue_label_for_kueue_goes_on_the_workers_only():
+    run = make_run(queue="research")
+    pod = desired.desired_worker(run, 0)
     assert pod["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "research"
+    for child in desired.desired_infra(run):  # Kueue admits pods, not ConfigMaps, Services or RBAC
+        assert "kueue.x-k8s.io/queue-name" not in child["metadata"]["labels"], child["kind"]
 
 
 def test_infra_names_are_the_names_of_what_desired_infra_builds(run):
