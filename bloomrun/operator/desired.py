@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -167,12 +167,32 @@ def desired_infra(run: Run) -> list[dict]:
     return [*desired_rbac(run), desired_config_map(run), desired_service(run)]
 
 
+@dataclass(frozen=True)
+class ChildKind:
+    """A kind of object a run owns. CHILD_KINDS is the one list of them: the API paths
+    (kube.PATHS), the watches (main.register) and `infra_names` all read it."""
+
+    kind: str
+    api_version: str
+    plural: str
+    name: Callable[[Run], str] | None = None  # the run's one object of this kind; None: one per worker
+
+
+INFRA_KINDS = (
+    ChildKind("ServiceAccount", "v1", "serviceaccounts", service_account_name),
+    ChildKind("Role", "rbac.authorization.k8s.io/v1", "roles", service_account_name),
+    ChildKind("RoleBinding", "rbac.authorization.k8s.io/v1", "rolebindings", service_account_name),
+    ChildKind("ConfigMap", "v1", "configmaps", config_map_name),
+    ChildKind("Service", "v1", "services", service_name),
+)
+WORKER_KIND = ChildKind("Pod", "v1", "pods")
+CHILD_KINDS = (*INFRA_KINDS, WORKER_KIND)
+
+
 def infra_names(run: Run) -> set[tuple[str, str]]:
     """(kind, name) of each object `desired_infra` builds, without building them (every
     reconcile compares these with what the watches observe)."""
-    account = service_account_name(run)
-    return {("ServiceAccount", account), ("Role", account), ("RoleBinding", account),
-            ("ConfigMap", config_map_name(run)), ("Service", service_name(run))}
+    return {(child.kind, child.name(run)) for child in INFRA_KINDS}
 
 
 def content_hash(objects: Any) -> str:

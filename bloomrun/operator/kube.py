@@ -17,6 +17,7 @@ import socket
 from datetime import datetime, timezone
 from typing import Any, Callable
 
+from bloomrun.operator.desired import CHILD_KINDS
 from bloomrun.operator.spec import GROUP, PLURAL, VERSION
 
 log = logging.getLogger(__name__)
@@ -24,16 +25,16 @@ log = logging.getLogger(__name__)
 FIELD_MANAGER = "bloomrun-operator"
 REQUEST_TIMEOUT_S = 15
 
-# kind -> (API prefix, plural) for the kinds the operator manages.
-PATHS = {
-    "Pod": ("/api/v1", "pods"),
-    "Service": ("/api/v1", "services"),
-    "ConfigMap": ("/api/v1", "configmaps"),
-    "ServiceAccount": ("/api/v1", "serviceaccounts"),
-    "Event": ("/api/v1", "events"),
-    "Role": ("/apis/rbac.authorization.k8s.io/v1", "roles"),
-    "RoleBinding": ("/apis/rbac.authorization.k8s.io/v1", "rolebindings"),
-    "BloomRun": (f"/apis/{GROUP}/{VERSION}", PLURAL),
+
+def api_prefix(api_version: str) -> str:
+    """`/api/v1` for the core group, `/apis/<group>/<version>` for the others."""
+    return f"/apis/{api_version}" if "/" in api_version else f"/api/{api_version}"
+
+
+# kind -> (API prefix, plural): the run's children (desired.CHILD_KINDS), its Events and itself.
+PATHS = {child.kind: (api_prefix(child.api_version), child.plural) for child in CHILD_KINDS} | {
+    "Event": (api_prefix("v1"), "events"),
+    "BloomRun": (api_prefix(f"{GROUP}/{VERSION}"), PLURAL),
 }
 
 

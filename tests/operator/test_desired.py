@@ -95,3 +95,8 @@ def test_queue_label_for_kueue_goes_on_the_workers_only():
 
 def test_infra_names_are_the_names_of_what_desired_infra_builds(run):
     assert desired.infra_names(run) == {(o["kind"], o["metadata"]["name"]) for o in desired.desired_infra(run)}
+
+
+def test_the_table_of_child_kinds_says_what_the_builders_build(run):
+    built = [*desired.desired_infra(run), desired.desired_worker(run, 0)]
+    assert [(o["kind"], o["apiVersion"]) for o in built] == [(c.kind, c.api_version) for c in desired.CHILD_KINDS]
