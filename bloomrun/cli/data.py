@@ -9,8 +9,12 @@ from bloomrun.cli.main import UserError
 
 
 def add_parser(subparsers) -> None:
-    data = subparsers.add_parser("data", help="prepare pretokenized data (Megatron-DeepSpeed .bin/.idx)")
-    actions = data.add_subparsers(dest="data_command", required=True)
+    data = subparsers.add_parser(
+        "data", help="prepare pretokenized data (Megatron-DeepSpeed .bin/.idx)",
+        description="Pretokenized training data in Megatron-DeepSpeed's .bin/.idx format, which "
+                    "the trainer reads unchanged (docs/data.md).")
+    actions = data.add_subparsers(dest="data_command", required=True, metavar="ACTION",
+                                  title="actions")
     prepare = actions.add_parser(
         "prepare", help="tokenize a .jsonl or .txt file into PREFIX.bin and PREFIX.idx",
         description="One document per JSON line (its text field) or per blank-line-separated "

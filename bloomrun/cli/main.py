@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import sys
 
 # module name -> one-line help; each module registers its own arguments.
@@ -23,9 +24,26 @@ class UserError(Exception):
     """An error in the user's input; printed as one line, exit code 2, no traceback."""
 
 
+DESCRIPTION = (
+    "Train BLOOM-style language models the way BigScience designed BLOOM: a BloomRun manifest "
+    "trains locally with torchrun (bloomctl run) or on Kubernetes through the bloomrun operator "
+    "(kubectl apply)."
+)
+
+
+def plain(text: str | None) -> str | None:
+    """Help text without the markdown the module docstrings use (`code` reads as noise in a
+    terminal)."""
+    return text.replace("`", "") if text else text
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bloomctl", description=__doc__.split("\n")[0])
-    subparsers = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="bloomctl", description=DESCRIPTION,
+        epilog="Run 'bloomctl COMMAND --help' for the options of one command.")
+    parser.add_argument("--version", action="version", version=f"bloomctl {version()}")
+    # Not required=True: argparse would then say only "required: command"; main() names them.
+    subparsers = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
     for name in SUBCOMMANDS:
         try:
             module = importlib.import_module(f"bloomrun.cli.{name}")
@@ -34,11 +52,32 @@ def build_parser() -> argparse.ArgumentParser:
                 raise
             continue
         module.add_parser(subparsers)
+    for sub in walk(parser):
+        sub.description = plain(sub.description)
     return parser
 
 
+def walk(parser: argparse.ArgumentParser):
+    """Every parser below `parser`, nested ones (`data prepare`) included."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield sub
+                yield from walk(sub)
+
+
+def version() -> str:
+    try:
+        return importlib.metadata.version("bloomrun")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree, not installed
+        return "unknown"
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.error(f"a command is needed, one of: {', '.join(SUBCOMMANDS)}")
     try:
         return int(args.func(args) or 0)
     except UserError as err:

@@ -30,12 +30,12 @@ def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return out
 
 
-def render(values: dict | None = None, namespace: str = NAMESPACE) -> list[dict]:
+def render(values: dict | None = None, namespace: str = NAMESPACE, release: str = RELEASE) -> list[dict]:
     """`helm template` of the chart with these values, as a list of objects."""
     with tempfile.NamedTemporaryFile("w", suffix=".yaml") as file:
         yaml.safe_dump(values or {}, file)
         file.flush()
-        out = helm("template", RELEASE, str(CHART), "--namespace", namespace,
+        out = helm("template", release, str(CHART), "--namespace", namespace,
                    "--include-crds", "--values", file.name)
     return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
 

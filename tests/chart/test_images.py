@@ -84,3 +84,14 @@ def test_image_users_match_the_uids_their_pods_run_as():
     assert final_user("Dockerfile") == RUN_AS_USER  # worker Pods (desired.py) own its home
     pod = only(render(), "Deployment")["spec"]["template"]["spec"]
     assert final_user("Dockerfile.operator") == pod["securityContext"]["runAsUser"]
+
+
+def test_build_context_carries_only_what_the_dockerfiles_copy():
+    """A `.dockerignore` keeps .venv/, runs/ and caches out of the context (they would be
+    sent to the builder on every build, and a stray COPY would bake them into a layer)."""
+    ignore = (REPO / ".dockerignore").read_text().split()
+    assert ignore[ignore.index("*")] == "*", "the context starts empty"
+    copied = {args.split()[0].rstrip("/") for name in DOCKERFILES
+              for word, args in instructions(REPO / name) if word == "COPY" and "--from" not in args}
+    allowed = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
+    assert copied == allowed, f"COPY sources {sorted(copied)} vs re-included {sorted(allowed)}"

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tests.chart.helm import CHART, DASHBOARD_SOURCE, REPO, helm, of_kind, only, render, render_error
+from tests.chart.helm import CHART, DASHBOARD_SOURCE, RELEASE, REPO, helm, of_kind, only, render, render_error
 
 MONITORING_KINDS = ("ServiceMonitor", "PodMonitor", "PrometheusRule")
 
@@ -18,6 +18,7 @@ def rbac_rules(objects: list[dict]) -> list[dict]:
 def test_chart_passes_helm_lint_strict():
     out = helm("lint", "--strict", str(CHART), check=False)
     assert out.returncode == 0, out.stdout + out.stderr
+    assert "[INFO]" not in out.stdout, out.stdout  # e.g. "icon is recommended"
 
 
 def test_should_not_create_monitors_rules_or_dashboard_by_default():
@@ -165,3 +166,15 @@ def test_pod_monitor_selects_the_worker_pods_the_operator_builds():
     assert monitor["selector"]["matchLabels"].items() <= worker["metadata"]["labels"].items()
     port_names = {port["name"] for c in worker["spec"]["containers"] for port in c.get("ports", [])}
     assert monitor["podMetricsEndpoints"][0]["port"] in port_names
+
+
+def test_should_name_objects_bloomrun_operator_for_release_bloomrun():
+    """The usual fullname rule: a release named like the chart's prefix does not repeat it."""
+    assert only(render(release="bloomrun"), "Deployment")["metadata"]["name"] == "bloomrun-operator"
+    assert only(render(), "Deployment")["metadata"]["name"] == f"{RELEASE}-bloomrun-operator"
+
+
+def test_should_take_image_pull_secrets_as_local_object_references():
+    pod = only(render({"imagePullSecrets": [{"name": "regcred"}]}), "Deployment")["spec"]["template"]["spec"]
+    assert pod["imagePullSecrets"] == [{"name": "regcred"}]
+    assert "imagePullSecrets" in render_error({"imagePullSecrets": ["regcred"]})
