@@ -8,13 +8,14 @@ buffer. Baselines: the model's torch path (eager) and the same under torch.compi
 
 from __future__ import annotations
 
-import importlib
-
 import torch
 import torch.nn.functional as F
 
 from bench.common import graph_time_ms, parse_args, report, time_ms
-from bloomrun.kernels import apply_rotary, bias_gelu, bias_swiglu
+from bloomrun.kernels import bias_gelu as gelu_module
+from bloomrun.kernels.bias_gelu import bias_gelu
+from bloomrun.kernels.bias_swiglu import bias_swiglu
+from bloomrun.kernels.rotary import apply_rotary
 from bloomrun.trainer.model.positions import rotary_cos_sin
 
 TOKENS = 8192
@@ -87,7 +88,6 @@ def main() -> None:
                 results[op][f"speedup_fwd_bwd_vs_{name}"] = results[op][name]["forward_backward_ms"] / results[op]["ours"]["forward_backward_ms"]
     # The launch shapes the kernels' rule picked at these widths (no autotuner since the
     # rule replaced it; the GELU backward is the one to explain).
-    gelu_module = importlib.import_module("bloomrun.kernels.bias_gelu")
     results["configs"] = {"bias_gelu": str(gelu_module.tile_for(8192)), "bias_swiglu": str(gelu_module.tile_for(5440))}
     report("activations", results, args.out)
 

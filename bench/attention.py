@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import best_config, parse_args, report, time_ms
-from bloomrun.kernels import attention
 from bloomrun.kernels.attention import (
+    attention,
     _attention_backward_dkdv_kernel,
     _attention_backward_dq_kernel,
     _attention_forward_kernel,

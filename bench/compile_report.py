@@ -6,7 +6,6 @@ can be dropped before any GPU time is spent.
 
 from __future__ import annotations
 
-import importlib
 import re
 import subprocess
 import sys
@@ -17,11 +16,10 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-# The package exports functions under the submodules' names, so import the modules by path.
-attention_module = importlib.import_module("bloomrun.kernels.attention")
-gelu_module = importlib.import_module("bloomrun.kernels.bias_gelu")
-swiglu_module = importlib.import_module("bloomrun.kernels.bias_swiglu")
-ln_module = importlib.import_module("bloomrun.kernels.layer_norm")
+from bloomrun.kernels import attention as attention_module
+from bloomrun.kernels import bias_gelu as gelu_module
+from bloomrun.kernels import bias_swiglu as swiglu_module
+from bloomrun.kernels import layer_norm as ln_module
 
 PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas-blackwell"
 INT_ARGS = re.compile(r"^(stride_|num_|seq_len|head_dim|n_rows|n_cols|n_partial|tiles_per_group|half$)")

@@ -16,7 +16,7 @@ import gc
 import torch
 
 from bench.common import parse_args, peak_gb, report, time_ms
-from bloomrun.kernels import linear_cross_entropy
+from bloomrun.kernels.cross_entropy import linear_cross_entropy
 
 TOKENS, HIDDEN, VOCAB = 8192, 2048, 250880
 

@@ -9,12 +9,11 @@ among 4 copies (4 x 32 MB is above the 50 MB L2).
 
 from __future__ import annotations
 
-import importlib
-
 import torch
 
 from bench.common import Rotating, graph_time_ms, parse_args, report, time_ms
-from bloomrun.kernels import layer_norm
+from bloomrun.kernels import layer_norm as ln
+from bloomrun.kernels.layer_norm import layer_norm
 
 ROWS, COLS = 8192, 2048
 
@@ -81,7 +80,6 @@ def main() -> None:
             results[f"speedup_fwd_bwd_vs_{name}"] = results[name]["forward_backward_ms"] / results["ours"]["forward_backward_ms"]
             results[f"speedup_fwd_vs_{name}"] = results[name]["forward_ms"] / results["ours"]["forward_ms"]
     results["targets"] = dict(forward_tb_per_s=2.5, forward_backward_ms=0.09)
-    ln = importlib.import_module("bloomrun.kernels.layer_norm")
     results["configs"] = dict(forward=str(ln.row_tile(2048, 2, ln._FORWARD_TILE_BYTES)),
                               backward=str(ln.row_tile(2048, 2, ln._BACKWARD_TILE_BYTES)))
     report("layer_norm", results, args.out)

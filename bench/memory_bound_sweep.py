@@ -7,15 +7,13 @@ bias_gelu.py, so the defaults can be confirmed or replaced by what the card pref
 GPU only:  python -m bench.memory_bound_sweep
 """
 
-import importlib
-
 import torch
 
 from bench.common import graph_time_ms
+from bloomrun.kernels import bias_gelu as gelu
+from bloomrun.kernels import bias_swiglu as swiglu
+from bloomrun.kernels import layer_norm as ln
 
-ln = importlib.import_module("bloomrun.kernels.layer_norm")
-gelu = importlib.import_module("bloomrun.kernels.bias_gelu")
-swiglu = importlib.import_module("bloomrun.kernels.bias_swiglu")
 dev, bf16 = "cuda", torch.bfloat16
 
 

@@ -3,8 +3,7 @@ import math
 import pytest
 import torch
 
-from bloomrun.kernels import attention
-from bloomrun.kernels.attention import attention_forward, attention_reference
+from bloomrun.kernels.attention import attention, attention_forward, attention_reference
 from tests.kernels.conftest import DEVICE, DTYPES, ON_GPU, assert_close, upcast_leaf
 
 # (B, T, H, D): one token, odd lengths, lengths that are not a multiple of the block (16 on

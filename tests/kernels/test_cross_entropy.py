@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from bloomrun.kernels import cross_entropy, linear_cross_entropy
-from bloomrun.kernels.cross_entropy import linear_cross_entropy_reference
+from bloomrun.kernels import cross_entropy
+from bloomrun.kernels.cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
 from tests.kernels.conftest import DEVICE, DTYPES, ON_GPU, assert_close, leaf, upcast_leaf
 
 # (N tokens, C hidden, V vocabulary): odd sizes, a vocab that is not a multiple of the block.

@@ -1,14 +1,9 @@
-import importlib
-
 import pytest
 import torch
 
-from bloomrun.kernels import layer_norm
-from bloomrun.kernels.layer_norm import layer_norm_reference, sum_param_grad_partials
+from bloomrun.kernels import layer_norm as layer_norm_module
+from bloomrun.kernels.layer_norm import layer_norm, layer_norm_reference, sum_param_grad_partials
 from tests.kernels.conftest import DEVICE, DTYPES, ON_GPU, assert_close, leaf, upcast_leaf
-
-# The module, not the function the package exports under the same name.
-layer_norm_module = importlib.import_module("bloomrun.kernels.layer_norm")
 
 # (leading shape, C): a single row, odd row counts, widths that are not powers of two, and a
 # wide row (BLOOM-176B's 14336: one row per program, 16 warps).

@@ -1,8 +1,7 @@
 import pytest
 import torch
 
-from bloomrun.kernels import apply_rotary
-from bloomrun.kernels.rotary import rotary_angles, rotary_reference
+from bloomrun.kernels.rotary import apply_rotary, rotary_angles, rotary_reference
 from tests.kernels.conftest import DEVICE, DTYPES, ON_GPU, assert_close, upcast_leaf
 
 SHAPES = [(1, 1, 2, 16), (2, 7, 3, 16), (1, 37, 5, 24)]

@@ -29,23 +29,22 @@ def use_triton(backend: Backend, tensor: torch.Tensor) -> bool:
 
 
 def triton_op(name: str):
-    """`bloomrun.kernels.<name>`, with an error that says how to run without it.
+    """`bloomrun.kernels.OPS[name]`, with an error that says how to run without it.
 
-    While torch.compile traces, the same function from `bloomrun.kernels.library` instead:
-    there each kernel is a torch custom op, one graph node that Inductor fuses around, where
-    the autograd.Function would break the graph. Eager runs keep the autograd.Function,
-    whose dispatch costs less host time per call (the small kernels are launch-bound).
+    While torch.compile traces, the op's `custom_op`: there each kernel is a torch custom op,
+    one graph node that Inductor fuses around, where the autograd.Function would break the
+    graph. Eager runs keep the autograd.Function (`function`), whose dispatch costs less host
+    time per call (the small kernels are launch-bound).
     """
     # An import statement, not importlib.import_module: dynamo traces the former only.
     from bloomrun import kernels
 
-    source = kernels.library if torch.compiler.is_compiling() else kernels
-    op = getattr(source, name, None)
+    op = kernels.OPS.get(name)
     if op is None:
         raise NotImplementedError(
             f"bloomrun.kernels has no Triton `{name}`; set model.kernels: torch to run without it"
         )
-    return op
+    return op.custom_op if torch.compiler.is_compiling() else op.function
 
 
 def layer_norm(
