@@ -164,152 +164,214 @@ def backoff_seconds(base: int, restarts: int) -> float:
     return float(min(base * 2 ** max(restarts - 1, 0), MAX_BACKOFF_S)) if base else 0.0
 
 
+@dataclass
+class Draft:
+    """A plan in the making: the steps of `plan()` read it and add to it, in order."""
+
+    run: desired.Run
+    now: datetime
+    pods: list[PodView]  # the run's own workers, as observed
+    status: BloomRunStatus  # the new status, edited in place
+    out: Plan
+    terminal: bool = False  # the run has ended, or ends in this plan
+    waiting: bool = False  # a restart backoff is running
+
+    @property
+    def spec(self):
+        return self.run.spec
+
+    @property
+    def stamp(self) -> str:
+        return rfc3339(self.now)
+
+    @property
+    def desired_count(self) -> int:
+        return 0 if self.spec.suspend else self.spec.nodes.max
+
+    @property
+    def settled(self) -> bool:
+        """Whether the run has ended or is being stopped: no more restarts or creates."""
+        return self.terminal or bool(self.status.stopping)
+
+    def live(self) -> list[PodView]:
+        """Workers that run or will, and that this plan does not delete."""
+        deleting = {d.name for d in self.out.deletes}
+        return [p for p in self.pods if p.live and p.name not in deleting]
+
+    def delete(self, pod: PodView, reason: str, force: bool = False) -> None:
+        self.out.deletes.append(DeletePod(pod.name, pod.uid, reason, force=force))
+
+    def event(self, type_: str, reason: str, message: str) -> None:
+        self.out.events.append(Event(type_, reason, message))
+
+
 def plan(run: desired.Run, status: BloomRunStatus, pods: list[PodView], now: datetime,
          known_nodes: set[str] | None = None, observed_infra: set[tuple[str, str]] | None = None) -> Plan:
     """Decide what to do next. `known_nodes` None means node existence is unknown;
     `observed_infra` is the (kind, name) of the run's non-pod children that exist (None: unknown)."""
-    spec = run.spec
-    before = status.model_dump()
+    draft = _start(run, status, pods, now)
+    _apply_infrastructure(draft, observed_infra)
+    _account_gpu_hours(draft.status, run.spec.gpus_per_node, now)
+    _reopen_fixed_spec(draft)
+    _replace_failed_workers(draft, known_nodes)
+    _replace_lost_workers(draft)
+    _finish_or_stop(draft)
+    _delete_surplus_workers(draft)
+    _move_rendezvous_host(draft)
+    _create_missing_workers(draft)
+    _set_phase(draft)
+    _set_conditions(draft, _phase_reason(draft))
+    return _complete(draft, status)
+
+
+def _start(run: desired.Run, status: BloomRunStatus, pods: list[PodView], now: datetime) -> Draft:
     new = status.model_copy(deep=True)
-    out = Plan(status=new, status_changed=False)
-    stamp = rfc3339(now)
     new.observed_generation = run.generation
-    new.start_time = new.start_time or stamp
+    new.start_time = new.start_time or rfc3339(now)
     # A run deleted and created again under the same name must not adopt the old run's pods.
-    pods = [p for p in pods if 0 <= p.index and p.owner_uid in (None, run.uid)]
-    desired_count = 0 if spec.suspend else spec.nodes.max
-    template = desired.template_hash(run)
+    own = [p for p in pods if 0 <= p.index and p.owner_uid in (None, run.uid)]
+    return Draft(run, now, own, new, Plan(status=new, status_changed=False))
 
-    # Children other than pods: applied when the spec they derive from changed, or when one
-    # is missing (deleted by hand): level-based like the pods.
-    infra_hash = desired.infra_hash(run)
-    missing = _missing_infra(run, new, observed_infra, now)
-    if new.infra_hash != infra_hash or missing:
-        out.infra = ApplyInfra(desired.desired_infra(run), infra_hash)
-        new.infra_hash, new.infra_applied_at = infra_hash, stamp
-        if missing:
-            out.events.append(Event("Warning", "ChildrenRecreated",
-                                    "recreating missing " + ", ".join(f"{k} {n}" for k, n in sorted(missing))))
 
-    _account_gpu_hours(new, spec.gpus_per_node, now)
-    if new.phase == "Failed" and _reason_of(new, "Failed") == INVALID_SPEC:
-        new.phase, new.completion_time = None, None  # the spec was fixed: start over
-    terminal = new.phase in ("Succeeded", "Failed")
+def _apply_infrastructure(d: Draft, observed: set[tuple[str, str]] | None) -> None:
+    """Children other than pods: applied when the spec they derive from changed, or when one
+    is missing (deleted by hand): level-based like the pods."""
+    infra_hash = desired.infra_hash(d.run)
+    missing = _missing_infra(d.run, d.status, observed, d.now)
+    if d.status.infra_hash == infra_hash and not missing:
+        return
+    d.out.infra = ApplyInfra(desired.desired_infra(d.run), infra_hash)
+    d.status.infra_hash, d.status.infra_applied_at = infra_hash, d.stamp
+    if missing:
+        d.event("Warning", "ChildrenRecreated",
+                "recreating missing " + ", ".join(f"{k} {n}" for k, n in sorted(missing)))
 
-    # Failed workers: count each once, then delete it so its name can be reused.
-    for pod in pods:
-        failure = classify(pod, known_nodes, spec.restart_policy.retryable_exit_codes)
+
+def _reopen_fixed_spec(d: Draft) -> None:
+    """A run refused for an invalid spec starts over once the spec passes; others that ended stay ended."""
+    if d.status.phase == "Failed" and _reason_of(d.status, "Failed") == INVALID_SPEC:
+        d.status.phase, d.status.completion_time = None, None
+    d.terminal = d.status.phase in ("Succeeded", "Failed")
+
+
+def _replace_failed_workers(d: Draft, known_nodes: set[str] | None) -> None:
+    """Failed workers: count each once, then delete it so its name can be reused."""
+    for pod in d.pods:
+        failure = classify(pod, known_nodes, d.spec.restart_policy.retryable_exit_codes)
         if failure is None or pod.deleting and failure != NODE_LOST:
             continue
-        out.deletes.append(DeletePod(pod.name, pod.uid, failure, force=failure == NODE_LOST))
-        if pod.uid in new.handled_failures or terminal or new.stopping:
+        d.delete(pod, failure, force=failure == NODE_LOST)
+        if pod.uid not in d.status.handled_failures and not d.settled:
+            _count_failure(d, pod.name, pod.uid, failure, pod.exit_code, pod.message)
+
+
+def _replace_lost_workers(d: Draft) -> None:
+    """Workers the operator saw and did not delete, now gone: someone deleted them, or the node
+    GC did while the operator was down. Pods the operator deletes leave `workers` in the same
+    status write that precedes the delete, so they are never counted here."""
+    present = {p.uid for p in d.pods}
+    for ref in d.status.workers:
+        if ref.uid in present or ref.uid in d.status.handled_failures or d.settled or d.spec.suspend:
             continue
-        terminal = _count_failure(new, out, spec, pod.name, pod.uid, failure, pod.exit_code, pod.message, now)
+        _count_failure(d, ref.name, ref.uid, POD_LOST, None,
+                       "the pod is gone, deleted by someone other than the operator")
 
-    # Workers the operator saw and did not delete, now gone: someone deleted them, or the node
-    # GC did while the operator was down. Pods the operator deletes leave `workers` in the same
-    # status write that precedes the delete, so they are never counted here.
-    present = {p.uid for p in pods}
-    for ref in new.workers:
-        if ref.uid in present or ref.uid in new.handled_failures or terminal or new.stopping or spec.suspend:
-            continue
-        terminal = _count_failure(new, out, spec, ref.name, ref.uid, POD_LOST, None,
-                                  "the pod is gone, deleted by someone other than the operator", now)
 
-    finished = next((p for p in pods if p.phase == "Succeeded" and not p.deleting), None)
-    if finished and not terminal:
-        if new.stopping:
-            pass  # a worker stopped on purpose: not the end of training, handled below
-        else:
-            _finish(new, out, "Succeeded", "TrainingComplete", f"worker {finished.name} exited 0", stamp)
-            terminal = True
-
-    deleting_names = {d.name for d in out.deletes}
-    live = [p for p in pods if p.live and p.name not in deleting_names]
-
-    # The GPU-hour budget stops the run cleanly: the trainer checkpoints on SIGTERM.
-    budget = spec.budget.gpu_hours
-    if budget and not terminal and not new.stopping and new.gpu_hours.used >= budget:
+def _finish_or_stop(d: Draft) -> None:
+    """A worker that exited 0 ends the run. The GPU-hour budget stops it cleanly (the trainer
+    checkpoints on SIGTERM), and it succeeds once no worker is left."""
+    new = d.status
+    finished = next((p for p in d.pods if p.phase == "Succeeded" and not p.deleting), None)
+    # A worker stopped on purpose (new.stopping) is not the end of training.
+    if finished and not d.terminal and not new.stopping:
+        _finish(d, "Succeeded", "TrainingComplete", f"worker {finished.name} exited 0")
+    budget = d.spec.budget.gpu_hours
+    if budget and not d.settled and new.gpu_hours.used >= budget:
         new.stopping = BUDGET_SPENT
-        out.events.append(Event("Normal", BUDGET_SPENT,
-                                f"{new.gpu_hours.used:.2f} of {budget} GPU-hours used: checkpointing and stopping"))
-    if new.stopping and not terminal and not any(p.phase in ("Pending", "Running", "Unknown") for p in pods):
-        _finish(new, out, "Succeeded", new.stopping, f"stopped after {new.gpu_hours.used:.2f} GPU-hours "
-                f"(budget {budget})", stamp)
-        terminal = True
+        d.event("Normal", BUDGET_SPENT, f"{new.gpu_hours.used:.2f} of {budget} GPU-hours used: "
+                "checkpointing and stopping")
+    if new.stopping and not d.terminal and not any(p.phase in ("Pending", "Running", "Unknown") for p in d.pods):
+        _finish(d, "Succeeded", new.stopping, f"stopped after {new.gpu_hours.used:.2f} GPU-hours (budget {budget})")
 
-    # Workers that should not exist: run over, suspended, stopping, scaled down, or stale.
-    for pod in live:
+
+def _delete_surplus_workers(d: Draft) -> None:
+    """Workers that should not exist: run over, suspended, stopping, scaled down, or stale."""
+    template = desired.template_hash(d.run)
+    for pod in d.live():
         reason = None
-        if terminal and new.phase == "Failed":
+        if d.terminal and d.status.phase == "Failed":
             reason = "RunFailed"  # the others would wait in the rendezvous forever
-        elif spec.suspend:
+        elif d.spec.suspend:
             reason = "Suspended"
-        elif new.stopping:
-            reason = new.stopping
-        elif pod.index >= desired_count:
+        elif d.status.stopping:
+            reason = d.status.stopping
+        elif pod.index >= d.desired_count:
             reason = "ScaledDown"
-        elif pod.template_hash != template and not terminal:
+        elif pod.template_hash != template and not d.terminal:
             reason = "SpecChanged"
         if reason:
-            out.deletes.append(DeletePod(pod.name, pod.uid, reason))
-            deleting_names.add(pod.name)
-    live = [p for p in live if p.name not in deleting_names]
+            d.delete(pod, reason)
 
-    # worker-0 hosts the rendezvous (its stable name is the endpoint): if it cannot be placed
-    # while others run, the survivors can never re-rendezvous. Give it the node of the
-    # highest-index running worker, which is recreated and waits instead.
+
+def _move_rendezvous_host(d: Draft) -> None:
+    """worker-0 hosts the rendezvous (its stable name is the endpoint): if it cannot be placed
+    while others run, the survivors can never re-rendezvous. Give it the node of the
+    highest-index running worker, which is recreated and waits instead."""
+    live = d.live()
     host = next((p for p in live if p.index == 0), None)
     movers = sorted((p for p in live if p.index > 0 and p.phase == "Running"), key=lambda p: p.index)
-    if host and host.unschedulable and host.phase == "Pending" and movers and not terminal:
+    if host and host.unschedulable and host.phase == "Pending" and movers and not d.terminal:
         mover = movers[-1]
-        out.deletes.append(DeletePod(mover.name, mover.uid, "RendezvousHostMoved"))
-        out.events.append(Event("Normal", "RendezvousHostMoved",
-                                f"{mover.name} makes room for {host.name}, which hosts the rendezvous"))
-        live = [p for p in live if p.name != mover.name]
-
-    # Missing workers: created once the backoff has passed and the old pod is gone.
-    backoff_until = parse_time(new.backoff_until)
-    waiting = backoff_until is not None and backoff_until > now
-    taken = {p.name for p in pods}
-    if not terminal and not new.stopping and not waiting:
-        for index in range(desired_count):
-            if desired.worker_name(run, index) not in taken:
-                out.creates.append(CreatePod(desired.desired_worker(run, index)))
-    if waiting:
-        out.requeue_after = (backoff_until - now).total_seconds()
-
-    _set_phase(run, new, out, live, pods, now, stamp, terminal, waiting)
-    new.workers = _workers_to_watch(pods, status, out.deletes)
-    out.status_changed = _material_change(before, new.model_dump(), now, status)
-    if not out.status_changed:
-        out.status = status  # do not advance the GPU-hour accounting without writing it
-    return out
+        d.delete(mover, "RendezvousHostMoved")
+        d.event("Normal", "RendezvousHostMoved", f"{mover.name} makes room for {host.name}, which hosts the rendezvous")
 
 
-def _count_failure(new: BloomRunStatus, out: Plan, spec, pod_name: str, uid: str, failure: str,
-                   exit_code: int | None, message: str, now: datetime) -> bool:
-    """Record one failure (restart, budget, backoff, event); True when it ends the run."""
-    stamp = rfc3339(now)
+def _create_missing_workers(d: Draft) -> None:
+    """Missing workers: created once the backoff has passed and the old pod is gone."""
+    backoff_until = parse_time(d.status.backoff_until)
+    d.waiting = backoff_until is not None and backoff_until > d.now
+    if d.waiting:
+        d.out.requeue_after = (backoff_until - d.now).total_seconds()
+        return
+    if d.settled:
+        return
+    taken = {p.name for p in d.pods}
+    for index in range(d.desired_count):
+        if desired.worker_name(d.run, index) not in taken:
+            d.out.creates.append(CreatePod(desired.desired_worker(d.run, index)))
+
+
+def _complete(d: Draft, old: BloomRunStatus) -> Plan:
+    """The workers to watch for loss, and whether the status must be written at all."""
+    d.status.workers = _workers_to_watch(d.pods, old, d.out.deletes)
+    d.out.status_changed = _material_change(old.model_dump(), d.status.model_dump(), d.now, old)
+    if not d.out.status_changed:
+        d.out.status = old  # do not advance the GPU-hour accounting without writing it
+    return d.out
+
+
+def _count_failure(d: Draft, pod_name: str, uid: str, failure: str, exit_code: int | None, message: str) -> None:
+    """Record one failure (restart, budget, backoff, event); the run ends when it is permanent
+    or the restarts are spent."""
+    new, policy = d.status, d.spec.restart_policy
     new.handled_failures = [*new.handled_failures, uid][-HANDLED_FAILURES_KEPT:]
     new.last_failure = Failure(pod=pod_name, pod_uid=uid, reason=failure, exit_code=exit_code,
-                               message=message[:512], time=stamp)
+                               message=message[:512], time=d.stamp)
     detail = f"worker {pod_name} failed: {failure}" + (f" (exit code {exit_code})" if exit_code is not None else "")
     if failure == PERMANENT_EXIT:
-        _finish(new, out, "Failed", PERMANENT_EXIT, detail + "; not retryable", stamp)
-        return True
+        _finish(d, "Failed", PERMANENT_EXIT, detail + "; not retryable")
+        return
     new.restarts += 1
     new.restarts_by_reason = {**new.restarts_by_reason, failure: new.restarts_by_reason.get(failure, 0) + 1}
-    out.restart_reasons.append(failure)
-    if new.restarts > spec.restart_policy.max_restarts:
-        _finish(new, out, "Failed", "RestartLimitExceeded",
-                f"{detail}; restart {new.restarts} exceeds maxRestarts {spec.restart_policy.max_restarts}", stamp)
-        return True
-    delay = backoff_seconds(spec.restart_policy.backoff_seconds, new.restarts)
-    new.backoff_until = rfc3339(now + timedelta(seconds=delay))
-    out.events.append(Event("Warning", "WorkerFailed", f"{detail}; replacing it in {delay:.0f}s "
-                            f"(restart {new.restarts} of {spec.restart_policy.max_restarts})"))
-    return False
+    d.out.restart_reasons.append(failure)
+    if new.restarts > policy.max_restarts:
+        _finish(d, "Failed", "RestartLimitExceeded",
+                f"{detail}; restart {new.restarts} exceeds maxRestarts {policy.max_restarts}")
+        return
+    delay = backoff_seconds(policy.backoff_seconds, new.restarts)
+    new.backoff_until = rfc3339(d.now + timedelta(seconds=delay))
+    d.event("Warning", "WorkerFailed", f"{detail}; replacing it in {delay:.0f}s "
+            f"(restart {new.restarts} of {policy.max_restarts})")
 
 
 def _missing_infra(run: desired.Run, status: BloomRunStatus, observed: set[tuple[str, str]] | None,
@@ -340,63 +402,80 @@ def _account_gpu_hours(status: BloomRunStatus, gpus_per_node: int, now: datetime
     status.gpu_hours = GpuHours(used=round(used, 6), accounted_at=rfc3339(now))
 
 
-def _finish(status: BloomRunStatus, out: Plan, phase: str, reason: str, message: str, stamp: str) -> None:
+def _finish(d: Draft, phase: str, reason: str, message: str) -> None:
+    status = d.status
     status.phase = phase
     status.message = message
-    status.completion_time = stamp
+    status.completion_time = d.stamp
     status.backoff_until = None
-    out.finish_reason = reason
-    out.events.append(Event("Warning" if phase == "Failed" else "Normal", reason, message))
+    d.terminal = True
+    d.out.finish_reason = reason
+    d.event("Warning" if phase == "Failed" else "Normal", reason, message)
 
 
-def _set_phase(run: desired.Run, status: BloomRunStatus, out: Plan, live: list[PodView], pods: list[PodView],
-               now: datetime, stamp: str, terminal: bool, waiting: bool) -> None:
-    spec = run.spec
+def _set_phase(d: Draft) -> None:
+    """Phase, message and node counts from the workers left running; an Event when the phase
+    changes; a quick recheck while workers are pending."""
+    status, spec, live = d.status, d.spec, d.live()
     running = [p for p in live if p.phase == "Running"]
-    bound = [p for p in live if p.node_name]
-    desired_count = 0 if spec.suspend else spec.nodes.max
+    unschedulable = _unschedulable(d)
     previous_phase = status.phase
-    status.nodes = NodeCounts(desired=desired_count, ready=len(running), display=f"{len(running)}/{desired_count}")
-    unschedulable = next((p.unschedulable for p in live if p.unschedulable), None)
-
-    if terminal:
-        reason = out.finish_reason or _reason_of(status, status.phase)
+    status.nodes = NodeCounts(desired=d.desired_count, ready=len(running), display=f"{len(running)}/{d.desired_count}")
+    if d.terminal:
+        pass  # _finish wrote phase and message
     elif spec.suspend:
-        status.phase, reason, status.message = "Suspended", "Suspended", "spec.suspend is true; workers deleted"
+        status.phase, status.message = "Suspended", "spec.suspend is true; workers deleted"
     elif len(running) >= spec.nodes.min:
-        status.phase, reason = "Running", "Running"
-        status.message = f"{len(running)} of {desired_count} workers running"
+        status.phase = "Running"
+        status.message = f"{len(running)} of {d.desired_count} workers running"
         if status.stopping:
             status.message = f"stopping: {status.stopping}"
-        if len(running) >= desired_count and status.running_time is None:
-            status.running_time = stamp
-            out.became_running = True
-        status.backoff_until = None if not waiting else status.backoff_until
-    elif waiting or out.restart_reasons or (previous_phase == "Restarting" and not unschedulable):
-        status.phase, reason = "Restarting", "Restarting"
+        if len(running) >= d.desired_count and status.running_time is None:
+            status.running_time = d.stamp
+            d.out.became_running = True
+        status.backoff_until = None if not d.waiting else status.backoff_until
+    elif d.waiting or d.out.restart_reasons or (previous_phase == "Restarting" and not unschedulable):
+        status.phase = "Restarting"
         status.message = (f"replacing failed worker {status.last_failure.pod} ({status.last_failure.reason})"
                           if status.last_failure else "replacing failed workers")
     else:
         status.phase = "Pending"
-        reason = "Unschedulable" if unschedulable else "WaitingForWorkers"
         status.message = (f"{len(running)} of at least {spec.nodes.min} workers running"
                           + (f"; scheduler: {unschedulable}" if unschedulable else ""))
-    if not terminal and status.stopping and not spec.suspend:
-        reason = status.stopping
+    if status.phase != previous_phase and not d.terminal:
+        d.event("Normal", status.phase, status.message)
+    if not d.terminal and not d.waiting and live and len(live) > len(running):
+        d.out.requeue_after = min(d.out.requeue_after or PENDING_RECHECK_S, PENDING_RECHECK_S)
 
-    if status.phase != previous_phase and not terminal:
-        kind = "Normal"
-        out.events.append(Event(kind, status.phase, status.message))
-    if not terminal and not waiting and live and len(live) > len(running):
-        out.requeue_after = min(out.requeue_after or PENDING_RECHECK_S, PENDING_RECHECK_S)
 
-    gen, conds = run.generation, status.conditions
-    conds = set_condition(conds, C.CREATED, status.infra_hash is not None, "ChildrenApplied",
+def _phase_reason(d: Draft) -> str:
+    """The reason the condition of the current phase carries."""
+    status = d.status
+    if d.terminal:
+        return d.out.finish_reason or _reason_of(status, status.phase)
+    if status.stopping and not d.spec.suspend:
+        return status.stopping
+    if status.phase == "Pending":
+        return "Unschedulable" if _unschedulable(d) else "WaitingForWorkers"
+    return status.phase
+
+
+def _unschedulable(d: Draft) -> str | None:
+    """The scheduler's message for the first live worker it cannot place."""
+    return next((p.unschedulable for p in d.live() if p.unschedulable), None)
+
+
+def _set_conditions(d: Draft, reason: str) -> None:
+    """One condition per phase (true for the current one), plus Created and Scheduled."""
+    status, spec, gen, stamp = d.status, d.spec, d.run.generation, d.stamp
+    bound = [p for p in d.live() if p.node_name]
+    unschedulable = _unschedulable(d)
+    conds = set_condition(status.conditions, C.CREATED, status.infra_hash is not None, "ChildrenApplied",
                           "Service, ConfigMap and trainer RBAC applied", gen, stamp)
     scheduled = len(bound) >= spec.nodes.min and not spec.suspend
     conds = set_condition(conds, C.SCHEDULED, scheduled, "Scheduled" if scheduled else
                           ("Unschedulable" if unschedulable else "WaitingForWorkers"),
-                          f"{len(bound)} of {desired_count} workers bound" +
+                          f"{len(bound)} of {d.desired_count} workers bound" +
                           (f"; scheduler: {unschedulable}" if unschedulable and not scheduled else ""), gen, stamp)
     for kind, phase in ((C.RUNNING, "Running"), (C.RESTARTING, "Restarting"), (C.SUSPENDED, "Suspended"),
                         (C.SUCCEEDED, "Succeeded"), (C.FAILED, "Failed")):
