@@ -20,32 +20,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bloomrun.trainer.data.prepare import prepare_dataset  # noqa: E402
 from bloomrun.trainer.data.synthetic import generate  # noqa: E402
+from bloomrun.trainer.data.tokenizer import train_bpe  # noqa: E402
 
 SEED = 2022  # the year BLOOM was trained
 # Documents per corpus: ~320k tokens in all, about one pass at the demo's 300 steps of
 # 16 x 64 tokens, so the loss it shows is mostly on text it has not seen before.
 NUM_DOCUMENTS = {"stories": 2000, "arithmetic": 1500}
 VOCAB_SIZE = 1024  # the tiny preset's vocabSize
-# BLOOM's special tokens in BLOOM's order; "</s>" ends every document.
-SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
 TOKENIZER_SAMPLE = 2000  # documents per corpus the tokenizer learns its merges from
-
-
-def train_tokenizer(texts: list[str]):
-    """Byte-level BPE as BLOOM's tokenizer is (so any text encodes without <unk>)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(texts, trainer=trainer)
-    return tokenizer
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     args.output_dir.mkdir(parents=True, exist_ok=True)
 
     corpora = {name: list(generate(name, count, SEED)) for name, count in NUM_DOCUMENTS.items()}
-    tokenizer = train_tokenizer([doc for docs in corpora.values() for doc in docs[:TOKENIZER_SAMPLE]])
+    tokenizer = train_bpe([doc for docs in corpora.values() for doc in docs[:TOKENIZER_SAMPLE]], VOCAB_SIZE)
     tokenizer_path = args.output_dir / "tokenizer.json"
     tokenizer.save(str(tokenizer_path), pretty=True)
 

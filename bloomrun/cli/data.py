@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from bloomrun.cli.main import UserError
@@ -33,6 +34,37 @@ def add_parser(subparsers) -> None:
                          help="the end-of-document token (default: the first of <|endoftext|>, </s>, <eod>)")
     prepare.set_defaults(func=run_prepare)
 
+    tokenizer = actions.add_parser(
+        "tokenizer", help="train a byte-level BPE tokenizer.json from .jsonl or .txt files, offline",
+        description="Learns a byte-level BPE (as BLOOM's tokenizer is) with BLOOM's special tokens "
+                    "<unk> <s> </s> <pad>, from documents read as data prepare reads them. The "
+                    "model's vocabSize must be at least the size reached.")
+    tokenizer.add_argument("--input", required=True, type=Path, action="append",
+                           help=".jsonl or .txt file (repeat for several)")
+    tokenizer.add_argument("--vocab-size", required=True, type=int, help="tokens in all, special ones included")
+    tokenizer.add_argument("--output", required=True, type=Path, help="tokenizer.json to write")
+    tokenizer.add_argument("--json-key", default="text", help="JSONL field holding the text (default: text)")
+    tokenizer.add_argument("--format", choices=["auto", "jsonl", "text"], default="auto",
+                           help="input format; auto goes by the file suffix")
+    tokenizer.add_argument("--max-documents", type=int, default=None,
+                           help="learn from the first N documents only (default: all)")
+    tokenizer.set_defaults(func=run_tokenizer)
+
+
+def run_tokenizer(args: argparse.Namespace) -> int:
+    from bloomrun.trainer.data.indexed import DataError
+    from bloomrun.trainer.data.tokenizer import train_tokenizer_file
+
+    try:
+        size = train_tokenizer_file(args.input, args.output, args.vocab_size, json_key=args.json_key,
+                                    fmt=args.format, max_documents=args.max_documents)
+    except DataError as err:
+        raise UserError(str(err)) from None
+    except UnicodeDecodeError as err:
+        raise UserError(f"not UTF-8 text ({err.reason})") from None
+    print(f"wrote {args.output}: {size} tokens (set the model's vocabSize to at least {size})")
+    return 0
+
 
 def run_prepare(args: argparse.Namespace) -> int:
     from bloomrun.trainer.data.indexed import DataError
@@ -45,6 +77,11 @@ def run_prepare(args: argparse.Namespace) -> int:
         raise UserError(str(err)) from None
     except UnicodeDecodeError as err:
         raise UserError(f"{args.input}: not UTF-8 text ({err.reason})") from None
+    if not args.append_eod:
+        # Samples run across document boundaries; without an EOD the model never learns
+        # where one document ends and the next, unrelated one begins.
+        print("bloomctl data prepare: warning: no --append-eod: documents are not separated, "
+              "which GPT-style training needs", file=sys.stderr)
     skipped = f", skipped {summary.num_skipped_empty} empty" if summary.num_skipped_empty else ""
     eod = f", EOD id {summary.eod_id} appended" if summary.eod_id is not None else ", no EOD"
     print(f"wrote {summary.num_documents} documents, {summary.num_tokens} tokens ({summary.dtype}{eod}"
