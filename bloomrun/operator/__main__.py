@@ -28,21 +28,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    import os
-
-    os.environ["BLOOMRUN_OPERATOR_TIMER_S"] = str(args.timer_interval)
     import kopf
 
-    from bloomrun.operator import main as handlers
+    from bloomrun.operator.main import Options, register
 
-    handlers.OPTIONS.metrics_port = args.metrics_port
-    handlers.OPTIONS.namespaces = tuple(args.namespace)
+    registry = register(Options(metrics_port=args.metrics_port, timer_interval_s=args.timer_interval,
+                                namespaces=tuple(args.namespace)))
     kopf.configure(verbose=args.verbose)
     logging.getLogger("kubernetes").setLevel(logging.WARNING)
     if not args.verbose:  # one INFO line per handler call costs more than the reconcile itself
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
         logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     kopf.run(
+        registry=registry,
         clusterwide=not args.namespace,
         namespaces=args.namespace,
         standalone=args.standalone,

@@ -4,15 +4,23 @@ Order matters for exactly-once counting and no duplicates: (1) apply the infrast
 (2) write the status conditionally on the resourceVersion that was planned from, (3) only
 then delete failed or surplus pods and create missing ones, (4) post Events. A Conflict in
 (2) abandons the rest; the next trigger plans again from a fresh read.
+
+Scheduling: each run has one loop (`serve`), run by kopf as the run's daemon. It reconciles
+when `requeue` asks (a backoff ends, a conflict, a burst of pod events) and at the latest
+`interval_s` after its last reconcile. kopf stops the daemon when the run is deleted, the
+operator exits, or peering pauses this replica, so a paused replica has no loop and its
+requeues are dropped: only the active replica acts.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
+from typing import Callable
 
 from bloomrun.operator import reconcile as planner
 from bloomrun.operator.desired import Run
@@ -58,16 +66,70 @@ def status_patch(status: BloomRunStatus) -> dict:
     return status.model_dump(by_alias=True, mode="json", exclude={"progress"})
 
 
+PodsSource = Callable[[str, str], list[PodView]]  # (namespace, run) -> the run's worker pods
+InfraSource = Callable[[str, str], set[tuple[str, str]]]  # (namespace, run) -> (kind, name) that exist
+NodesSource = Callable[[], "set[str] | None"]  # names of the existing nodes (None: unknown)
+
+
+class Schedule:
+    """When each run's loop should reconcile next; safe to call from any thread.
+
+    A request only counts for a run whose loop is attached (see the module docstring), and
+    the earliest request wins: a later one never postpones a reconcile already due."""
+
+    def __init__(self):
+        self._requested: dict[tuple[str, str], float] = {}  # monotonic time asked for
+        self._last: dict[tuple[str, str], float] = {}  # monotonic time of the loop's last reconcile
+        self._wakers: dict[tuple[str, str], Callable[[], None]] = {}
+        self._lock = threading.Lock()
+
+    def attach(self, key: tuple[str, str], waker: Callable[[], None]) -> None:
+        with self._lock:
+            self._wakers[key] = waker
+            self._last[key] = time.monotonic()
+
+    def detach(self, key: tuple[str, str]) -> None:
+        with self._lock:
+            for table in (self._wakers, self._last, self._requested):
+                table.pop(key, None)
+
+    def request(self, key: tuple[str, str], delay: float) -> None:
+        due = time.monotonic() + max(delay, 0.0)
+        with self._lock:
+            waker = self._wakers.get(key)
+            if waker is None or self._requested.get(key, due) < due:
+                return
+            self._requested[key] = due
+        waker()
+
+    def seconds_left(self, key: tuple[str, str], interval_s: float) -> float:
+        with self._lock:
+            due = min(self._requested.get(key, float("inf")), self._last.get(key, 0.0) + interval_s)
+        return due - time.monotonic()
+
+    def started(self, key: tuple[str, str]) -> None:
+        """The loop starts a reconcile: requests made before it are served by it."""
+        with self._lock:
+            self._requested.pop(key, None)
+            self._last[key] = time.monotonic()
+
+
 class Controller:
-    def __init__(self, kube: Kube, metrics: OperatorMetrics):
+    def __init__(self, kube: Kube, metrics: OperatorMetrics, pods: PodsSource, infra: InfraSource | None = None,
+                 nodes: NodesSource | None = None, interval_s: float = 10.0):
+        """`infra` None: which children exist is unknown (they are applied when the spec
+        changes only); `nodes` None: a NodeNames list of the cluster's nodes."""
         self.kube = kube
         self.metrics = metrics
+        self.pods = pods
+        self.infra = infra
+        self.nodes = nodes or NodeNames(kube)
+        self.interval_s = interval_s  # the safety net: events drive reconciles, this catches the rest
+        self.schedule = Schedule()
         self._locks: dict[tuple[str, str], threading.Lock] = {}
         self._locks_guard = threading.Lock()
-        self._timers: dict[tuple[str, str], threading.Timer] = {}
-        self.pods_source = None  # callable (namespace, name) -> list[PodView]
-        self.infra_source = None  # callable (namespace, name) -> set[(kind, name)] of existing children
-        self.nodes_source = NodeNames(kube)  # callable () -> set[str] | None
+        # The loops only hand over: reconciles run on a bounded pool, so 200 runs due at once
+        # do not open 200 connections.
         self.executor = ThreadPoolExecutor(MAX_PARALLEL_REQUESTS, thread_name_prefix="reconcile")
         self.requests = ThreadPoolExecutor(MAX_PARALLEL_REQUESTS, thread_name_prefix="api")
 
@@ -99,10 +161,9 @@ class Controller:
         except ManifestError as err:
             self._refuse(body, status, str(err), now)
             return
-        pods = self.pods_source(namespace, name) if self.pods_source else [
-            PodView.from_body(p) for p in self.kube.list_pods(namespace, f"bloomrun.io/run={name}")]
+        pods = self.pods(namespace, name)
         nodes = self._known_nodes(pods)
-        infra = self.infra_source(namespace, name) if self.infra_source else None
+        infra = self.infra(namespace, name) if self.infra else None
         plan = planner.plan(run, status, pods, now, known_nodes=nodes, observed_infra=infra)
 
         if plan.infra:
@@ -136,9 +197,7 @@ class Controller:
         """Node names from the watch-fed index, confirmed by a GET for any pod's node the index
         lacks: a pod can be bound to a node whose watch event has not arrived yet, and
         calling that node lost would kill a healthy worker."""
-        if self.nodes_source is None:
-            return None
-        nodes = self.nodes_source()
+        nodes = self.nodes()
         if nodes is None:
             return None
         for pod in pods:
@@ -160,29 +219,44 @@ class Controller:
         self.kube.post_event(body, "Warning", "InvalidSpec", message)
         log.warning("%s/%s: invalid spec: %s", meta["namespace"], meta["name"], message)
 
-    def requeue(self, namespace: str, name: str, delay: float, keep_earlier: bool = False) -> None:
-        """Reconcile again after `delay` (backoff ends, conflicts, event bursts); the timer
-        is the safety net. With keep_earlier, a reconcile already due sooner is left as is."""
-        key = (namespace, name)
-        due = time.monotonic() + max(delay, 0.05)
-        with self._locks_guard:
-            previous = self._timers.get(key)
-            if previous and previous.is_alive():
-                if keep_earlier and previous.due <= due:  # type: ignore[attr-defined]
-                    return
-                previous.cancel()
-            # The timer thread only hands over: reconciles run on a bounded pool, so 200 runs
-            # due at once do not open 200 connections.
-            timer = threading.Timer(max(delay, 0.05), self.executor.submit, args=(self._safe_reconcile, *key))
-            timer.due = due  # type: ignore[attr-defined]
-            timer.daemon = True
-            self._timers[key] = timer
-            timer.start()
+    def requeue(self, namespace: str, name: str, delay: float) -> None:
+        """Reconcile again after `delay` (backoff ends, conflicts, event bursts), or sooner if
+        already due sooner; dropped where the run has no loop (module docstring)."""
+        self.schedule.request((namespace, name), delay)
 
-    def _safe_reconcile(self, namespace: str, name: str) -> None:
+    def reconcile_or_log(self, namespace: str, name: str) -> None:
+        """`reconcile`, logging instead of raising: the loop retries within `interval_s`, where
+        an exception in a kopf handler would make kopf back off for a minute."""
         try:
             self.reconcile(namespace, name)
         except (ApiError, OSError) as err:
-            log.warning("reconcile of %s/%s failed: %s (the timer retries)", namespace, name, err)
-        except Exception:  # a bug must not kill the timer thread silently
-            log.exception("reconcile of %s/%s crashed", namespace, name)
+            log.warning("reconcile of %s/%s failed: %s (retried within %gs)", namespace, name, err, self.interval_s)
+        except Exception:  # a bug must not end the loop silently
+            log.exception("reconcile of %s/%s crashed (retried within %gs)", namespace, name, self.interval_s)
+
+    async def serve(self, namespace: str, name: str) -> None:
+        """The run's loop: reconcile whenever the schedule says, until cancelled (kopf cancels
+        the run's daemon; a reconcile already running finishes on its thread)."""
+        key, loop, wake = (namespace, name), asyncio.get_running_loop(), asyncio.Event()
+
+        def wake_up() -> None:  # from any thread
+            try:
+                loop.call_soon_threadsafe(wake.set)
+            except RuntimeError:  # the event loop closed: the operator is exiting
+                pass
+
+        self.schedule.attach(key, wake_up)
+        try:
+            while True:
+                wake.clear()
+                left = self.schedule.seconds_left(key, self.interval_s)
+                if left > 0:
+                    try:
+                        await asyncio.wait_for(wake.wait(), left)
+                    except asyncio.TimeoutError:
+                        pass
+                    continue  # woken by an earlier request, or due now: look again
+                self.schedule.started(key)
+                await loop.run_in_executor(self.executor, self.reconcile_or_log, namespace, name)
+        finally:
+            self.schedule.detach(key)

@@ -155,10 +155,6 @@ class Kube:
             if err.status not in (404, 409):  # gone already, or a different pod now
                 raise
 
-    def list_pods(self, namespace: str, selector: str) -> list[dict]:
-        result = self.request("GET", object_path("Pod", namespace), query={"labelSelector": selector})
-        return (result or {}).get("items", [])
-
     def list_node_names(self) -> set[str]:
         """Names only (metadata-only list from the API server's watch cache: cheap at 2,000 nodes)."""
         method, url, headers, payload, post_params = self.api.param_serialize(

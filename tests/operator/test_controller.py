@@ -1,6 +1,9 @@
 """The controller's execution order against a fake API: status first, nothing after a conflict."""
 
+import asyncio
 import copy
+
+import kopf
 
 from bloomrun.operator import desired
 from bloomrun.operator.controller import Controller
@@ -48,11 +51,9 @@ def run_body():
     return body
 
 
-def controller_for(kube, pods=()):
-    controller = Controller(kube, OperatorMetrics())
-    controller.pods_source = lambda ns, name: list(pods)
-    controller.nodes_source = lambda: {"node-a"}
-    return controller
+def controller_for(kube, pods=(), infra=None):
+    return Controller(kube, OperatorMetrics(), pods=lambda ns, name: list(pods), infra=infra,
+                      nodes=lambda: {"node-a"})
 
 
 def test_children_then_status_then_pods_then_events():
@@ -90,10 +91,8 @@ def test_a_pod_on_a_node_missing_from_the_index_is_checked_before_calling_it_los
 
 def test_children_are_applied_again_only_when_the_watches_miss_one():
     kube = FakeKube(run_body())
-    controller = controller_for(kube)
-    run = desired.Run.from_body(kube.body)
-    existing = set(desired.infra_names(run))
-    controller.infra_source = lambda ns, name: existing
+    existing = set(desired.infra_names(desired.Run.from_body(kube.body)))
+    controller = controller_for(kube, infra=lambda ns, name: existing)
     controller.reconcile("team-a", "ablation")
     kube.body["status"]["infraAppliedAt"] = "2026-01-01T00:00:00Z"  # long settled
     kube.calls.clear()
@@ -122,3 +121,69 @@ def test_exact_namespaces_turn_kopfs_cluster_wide_scanning_off():
     assert not needs_scanning(("team-a", "team-b"))  # no list/watch of CRDs or namespaces needed
     assert needs_scanning(())  # cluster-wide
     assert needs_scanning(("br-*",)) and needs_scanning(("!kube-system",))  # patterns need the namespace list
+
+
+def test_a_requeue_reconciles_through_the_runs_loop_and_nowhere_else():
+    """kopf cancels a run's loop (its daemon) when peering pauses the replica: from then on
+    the replica's requeues, and the timer, must touch nothing."""
+    kube = FakeKube(run_body())
+    controller = controller_for(kube)
+    controller.interval_s = 3600  # only requeues reconcile in this test
+
+    async def scenario():
+        controller.requeue("team-a", "ablation", 0)  # no loop yet: not this replica's to act on
+        await asyncio.sleep(0.2)
+        assert kube.calls == []
+        loop = asyncio.create_task(controller.serve("team-a", "ablation"))
+        await asyncio.sleep(0.05)
+        controller.requeue("team-a", "ablation", 0)
+        await wait_until(lambda: ("event", "Pending") in kube.calls)  # the last call of a reconcile
+        loop.cancel()  # what kopf does to the daemon on a pause
+        await asyncio.gather(loop, return_exceptions=True)
+        kube.calls.clear()
+        controller.requeue("team-a", "ablation", 0)
+        await asyncio.sleep(0.2)
+        assert kube.calls == []
+
+    asyncio.run(scenario())
+
+
+def test_the_loop_reconciles_every_interval_and_the_earliest_request_wins():
+    kube = FakeKube(run_body())
+    controller = controller_for(kube)
+    controller.interval_s = 0.2
+    key = ("team-a", "ablation")
+    controller.schedule.attach(key, lambda: None)
+    controller.requeue(*key, 30)
+    controller.requeue(*key, 0.5)
+    controller.requeue(*key, 60)  # later: does not postpone the reconcile due in 0.5 s
+    assert controller.schedule.seconds_left(key, 3600) <= 0.5
+    assert controller.schedule.seconds_left(key, 0.2) <= 0.2
+    controller.schedule.detach(key)
+
+    async def scenario():
+        loop = asyncio.create_task(controller.serve(*key))
+        await wait_until(lambda: sum(c[0] == "status" for c in kube.calls) >= 1, timeout=2)
+        loop.cancel()
+        await asyncio.gather(loop, return_exceptions=True)
+
+    asyncio.run(scenario())
+
+
+async def wait_until(condition, timeout=5.0):
+    for _ in range(int(timeout / 0.02)):
+        if condition():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("timed out")
+
+
+def test_register_puts_every_handler_on_its_own_registry_and_schedules_with_a_daemon():
+    from bloomrun.operator.main import Options, register
+
+    registry = register(Options(timer_interval_s=2.5))
+    indexes = {h.id for h in registry._indexing.get_all_handlers()}
+    assert indexes == {"worker_pods"} | {f"infra_{c.kind.lower()}" for c in desired.INFRA_KINDS}
+    spawning = registry._spawning.get_all_handlers()
+    assert [type(h).__name__ for h in spawning] == ["DaemonHandler"]  # no kopf timer beside the loop
+    assert not kopf.get_default_registry()._spawning.get_all_handlers()  # nothing registered at import
