@@ -21,7 +21,7 @@ import os
 import socket
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Gauge, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
 from bloomrun.trainer.config import Shape
 
@@ -75,8 +75,25 @@ def throughput(
     )
 
 
+class RunTotalCounter:
+    """A Prometheus counter fed with one of the run's running totals (tokens, skipped steps,
+    rollbacks; restored from the checkpoint on resume). It counts what this process adds:
+    0 at start, as Prometheus expects of a counter, so a restart reads as a counter reset
+    and never as the run's whole history arriving in one scrape. A total that goes down (a
+    rollback restores an older checkpoint's) starts a new baseline without counting."""
+
+    def __init__(self, counter: Counter):
+        self._counter = counter
+        self._last: float | None = None
+
+    def set(self, total: float) -> None:
+        if self._last is not None and total > self._last:
+            self._counter.inc(total - self._last)
+        self._last = total
+
+
 class TrainerMetrics:
-    """The gauges of docs/metrics.md, one registry per process, labelled by run and node."""
+    """The metrics of docs/metrics.md, one registry per process, labelled by run and node."""
 
     def __init__(self, namespace: str, run: str, node_rank: int):
         self.registry = CollectorRegistry()
@@ -86,9 +103,14 @@ class TrainerMetrics:
             g = Gauge(name, doc, list(labels), registry=self.registry)
             return g.labels(**labels)
 
+        def counter(name: str, doc: str) -> RunTotalCounter:
+            # prometheus_client appends `_total` to a counter's name on exposition.
+            c = Counter(name.removesuffix("_total"), doc, list(labels), registry=self.registry)
+            return RunTotalCounter(c.labels(**labels))
+
         self.step = gauge("bloomrun_train_step", "last completed optimiser step")
         self.target_steps = gauge("bloomrun_train_target_steps", "steps the run will take in all")
-        self.tokens = gauge("bloomrun_train_tokens_total", "tokens trained on since step 0")
+        self.tokens = counter("bloomrun_train_tokens_total", "tokens trained on by this process")
         self.tokens_per_second = gauge("bloomrun_train_tokens_per_second", "global tokens/s over the last step")
         self.samples_per_second = gauge("bloomrun_train_samples_per_second", "global sequences/s over the last step")
         self.tflops = gauge("bloomrun_train_model_tflops", "model TFLOP/s per device (6N + 12LdT per token)")
@@ -96,8 +118,8 @@ class TrainerMetrics:
         self.loss = gauge("bloomrun_train_loss", "training loss of the last step")
         self.learning_rate = gauge("bloomrun_train_learning_rate", "learning rate of the last step")
         self.grad_norm = gauge("bloomrun_train_grad_norm", "global gradient norm before clipping")
-        self.skipped_steps = gauge("bloomrun_train_skipped_steps_total", "steps skipped for a non-finite loss or gradient")
-        self.rollbacks = gauge("bloomrun_train_rollbacks_total", "rollbacks to the last good checkpoint")
+        self.skipped_steps = counter("bloomrun_train_skipped_steps_total", "steps this process skipped for a non-finite loss or gradient")
+        self.rollbacks = counter("bloomrun_train_rollbacks_total", "rollbacks this process made to the last good checkpoint")
         self.restarts = gauge("bloomrun_train_restarts", "times this run has been (re)started from a checkpoint")
         self.checkpoint_step = gauge("bloomrun_checkpoint_last_step", "step of the newest complete checkpoint")
         self.checkpoint_time = gauge("bloomrun_checkpoint_last_timestamp_seconds", "unix time the newest checkpoint was published")
@@ -105,6 +127,13 @@ class TrainerMetrics:
         self.checkpoint_interval = gauge("bloomrun_checkpoint_interval_seconds", "configured save interval in seconds")
         self._gpu_memory: Gauge | None = None
         self._gpu_labels = labels
+
+    def start_totals(self, tokens: int, skipped_steps: int, rollbacks: int) -> None:
+        """The run's totals as this process starts (restored from a checkpoint, or 0): the
+        counters count from here, so even a skip at the first step is counted."""
+        self.tokens.set(tokens)
+        self.skipped_steps.set(skipped_steps)
+        self.rollbacks.set(rollbacks)
 
     def gpu_memory(self) -> Gauge:
         # Created on first use so that a CPU run exposes no GPU series at all.

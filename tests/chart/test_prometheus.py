@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
 import sys
 import urllib.request
 from pathlib import Path
@@ -167,3 +168,45 @@ def test_provoked_alert_fires(stack, alert, run):
                 if a["labels"]["alertname"] == alert and a["labels"].get("run") == run and a["state"] == "firing"]
     fired = wait_until(firing, 90, f"{alert} firing for {run}", 1.0)
     assert fired[0]["labels"]["namespace"]
+
+
+def metric_types(stack) -> dict[str, str]:
+    """Prometheus' metadata of what it scraped: family name -> counter, gauge, histogram..."""
+    with urllib.request.urlopen(f"{stack.url}/api/v1/metadata", timeout=10) as response:
+        return {name: entries[0]["type"] for name, entries in json.load(response)["data"].items()}
+
+
+def metric_type(types: dict[str, str], series: str) -> str | None:
+    # OpenMetrics names a counter's family without `_total` and a histogram's without
+    # `_bucket`/`_sum`/`_count`; the text format names the counter with it.
+    return types.get(series) or types.get(re.sub(r"_(total|bucket|sum|count)$", "", series))
+
+
+def test_no_panel_plots_a_raw_counter(stack):
+    """A counter's raw value resets with the process that exposes it and only ever grows: a
+    panel must plot its rate() or increase(). The types are Prometheus' own, not guessed."""
+    used = {m for _, query in dashboard_queries() for m in METRIC.findall(query)}
+    types = wait_until(lambda: (t := metric_types(stack)) if all(metric_type(t, m) for m in used) else None,
+                       90, "Prometheus has metadata for every metric the dashboard uses")
+    for title, query in dashboard_queries():
+        for metric in set(METRIC.findall(query)):
+            if metric_type(types, metric) in ("counter", "histogram", "summary"):
+                assert re.search(rf"\b(rate|irate|increase)\(\s*{metric}\b", query), (
+                    f"panel {title!r} plots the raw counter {metric}: {query}")
+
+
+def test_every_exposed_metric_passes_promtools_linter(stack):
+    """`promtool check metrics` on what the trainer and the operator really expose: counters
+    end in _total, base units, help text."""
+    from tests.chart.helm import tool
+
+    with urllib.request.urlopen(f"{stack.url}/api/v1/targets", timeout=10) as response:
+        targets = json.load(response)["data"]["activeTargets"]
+    assert {t["labels"]["job"] for t in targets} == {"trainer", "operator"}
+    for target in targets:
+        with urllib.request.urlopen(target["scrapeUrl"], timeout=10) as response:
+            exposition = response.read()
+        assert b"bloomrun_" in exposition, target["scrapeUrl"]
+        out = subprocess.run([tool("promtool"), "check", "metrics"], input=exposition, capture_output=True)
+        problems = (out.stdout + out.stderr).decode().strip()
+        assert out.returncode == 0 and not problems, f"{target['labels']['job']}: {problems}"

@@ -46,3 +46,29 @@ def test_metrics_are_served_on_a_free_port_named_in_the_port_file(tmp_path):
     assert 'bloomrun_train_step{namespace="ns",node_rank="1",run="run-a"} 7.0' in text
     assert 'bloomrun_train_loss{namespace="ns",node_rank="1",run="run-a"} NaN' in text
     assert "bloomrun_gpu_memory_bytes" not in text
+
+
+def test_run_totals_are_exposed_as_counters_of_what_this_process_adds():
+    """A counter starts at 0 with its process: a resumed run's restored totals must not
+    arrive as one huge increase, and a rollback (totals going back) is no negative one."""
+    from prometheus_client import generate_latest
+
+    metrics = TrainerMetrics("team", "arm", 0)
+
+    def exposed(name: str) -> float:
+        line = next(l for l in generate_latest(metrics.registry).decode().splitlines()
+                    if l.startswith(name + "{"))
+        return float(line.rsplit(" ", 1)[1])
+
+    text = generate_latest(metrics.registry).decode()
+    for name in ("tokens", "skipped_steps", "rollbacks"):
+        assert f"# TYPE bloomrun_train_{name}_total counter" in text
+    metrics.start_totals(tokens=10_000, skipped_steps=2, rollbacks=1)  # resumed from a checkpoint
+    assert exposed("bloomrun_train_tokens_total") == 0
+    metrics.skipped_steps.set(3)  # a skip at the first step after the start counts
+    metrics.tokens.set(10_512)
+    metrics.tokens.set(9_000)  # a rollback restores an older checkpoint's total
+    metrics.tokens.set(9_512)
+    assert exposed("bloomrun_train_tokens_total") == 1024
+    assert exposed("bloomrun_train_skipped_steps_total") == 1
+    assert exposed("bloomrun_train_rollbacks_total") == 0
