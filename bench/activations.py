@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import graph_time_ms, parse_args, report, time_ms
-from bloomrun.kernels import bias_gelu as gelu_module
+from bloomrun.kernels._launch import tile_for
 from bloomrun.kernels.bias_gelu import bias_gelu
 from bloomrun.kernels.bias_swiglu import bias_swiglu
 from bloomrun.kernels.rotary import apply_rotary
@@ -88,7 +88,7 @@ def main() -> None:
                 results[op][f"speedup_fwd_bwd_vs_{name}"] = results[op][name]["forward_backward_ms"] / results[op]["ours"]["forward_backward_ms"]
     # The launch shapes the kernels' rule picked at these widths (no autotuner since the
     # rule replaced it; the GELU backward is the one to explain).
-    results["configs"] = {"bias_gelu": str(gelu_module.tile_for(8192)), "bias_swiglu": str(gelu_module.tile_for(5440))}
+    results["configs"] = {"bias_gelu": str(tile_for(8192)), "bias_swiglu": str(tile_for(5440))}
     report("activations", results, args.out)
 
 

@@ -16,6 +16,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from bloomrun.kernels import _launch as launch_module
 from bloomrun.kernels import attention as attention_module
 from bloomrun.kernels import bias_gelu as gelu_module
 from bloomrun.kernels import bias_swiglu as swiglu_module
@@ -86,7 +87,7 @@ def main() -> None:
     # benchmark shapes (LayerNorm 2048 bf16, GELU F 8192, SwiGLU F 5440).
     ln_forward = ln_module.row_tile(2048, 2, ln_module._FORWARD_TILE_BYTES)
     ln_backward = ln_module.row_tile(2048, 2, ln_module._BACKWARD_TILE_BYTES)
-    gelu, swiglu = gelu_module.tile_for(8192), gelu_module.tile_for(5440)
+    gelu, swiglu = launch_module.tile_for(8192), launch_module.tile_for(5440)
     bf16_activation = {"Y": "*bf16", "X": "*bf16", "DX": "*bf16", "DY": "*bf16", "Bias": "*bf16", "DBias_partial": "*fp32"}
     ruled = [
         (ln_module._layer_norm_forward_kernel,
@@ -96,13 +97,15 @@ def main() -> None:
          {"DX": "*bf16", "DY": "*bf16", "X": "*bf16", "W": "*bf16", "Mean": "*fp32", "Rstd": "*fp32",
           "DW_partial": "*fp32", "DB_partial": "*fp32"},
          dict(BLOCK=ln_backward.block, ROWS=ln_backward.rows), ln_backward.num_warps),
-        (ln_module._layer_norm_param_grads_kernel,
-         {"DW": "*bf16", "DB": "*bf16", "DW_partial": "*fp32", "DB_partial": "*fp32"},
-         dict(ROWS=ln_module._REDUCE_ROWS, BLOCK=ln_module._REDUCE_BLOCK), ln_module._REDUCE_WARPS),
         (gelu_module._bias_gelu_forward_kernel, bf16_activation, dict(BLOCK_M=gelu.rows, BLOCK_F=gelu.block_f), gelu.num_warps),
         (gelu_module._bias_gelu_backward_kernel, bf16_activation, dict(BLOCK_M=gelu.rows, BLOCK_F=gelu.block_f), gelu.num_warps),
-        (gelu_module._sum_partial_rows_kernel, {"Out": "*bf16", "Partial": "*fp32"},
-         dict(ROWS=gelu_module._REDUCE_ROWS, BLOCK=gelu_module._REDUCE_BLOCK), gelu_module._REDUCE_WARPS),
+        # The partial-row sum, paired as LayerNorm launches it and alone as the activations do.
+        (launch_module._sum_partial_rows_kernel,
+         {"Out": "*bf16", "Partial": "*fp32", "Out2": "*bf16", "Partial2": "*fp32"},
+         dict(PAIRED=True, ROWS=launch_module._REDUCE_ROWS, BLOCK=launch_module._REDUCE_BLOCK), launch_module._REDUCE_WARPS),
+        (launch_module._sum_partial_rows_kernel,
+         {"Out": "*bf16", "Partial": "*fp32", "Out2": "*bf16", "Partial2": "*fp32"},
+         dict(PAIRED=False, ROWS=launch_module._REDUCE_ROWS, BLOCK=launch_module._REDUCE_BLOCK), launch_module._REDUCE_WARPS),
         (swiglu_module._bias_swiglu_forward_kernel, bf16_activation,
          dict(BLOCK_M=swiglu.rows, BLOCK_F=swiglu.block_f), swiglu.num_warps),
         (swiglu_module._bias_swiglu_backward_kernel, bf16_activation,

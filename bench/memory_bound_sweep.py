@@ -3,13 +3,14 @@
 Per kernel, the device time of each launch (torch.profiler over ten forward+backward calls
 at the benchmark shapes), then forward and forward+backward times replayed from CUDA graphs
 (no host launch cost) while sweeping the knobs of the launch rules in layer_norm.py and
-bias_gelu.py, so the defaults can be confirmed or replaced by what the card prefers.
+_launch.py, so the defaults can be confirmed or replaced by what the card prefers.
 GPU only:  python -m bench.memory_bound_sweep
 """
 
 import torch
 
 from bench.common import graph_time_ms
+from bloomrun.kernels import _launch as launch
 from bloomrun.kernels import bias_gelu as gelu
 from bloomrun.kernels import bias_swiglu as swiglu
 from bloomrun.kernels import layer_norm as ln
@@ -69,13 +70,13 @@ def main():
     # Activations: tile values x programs per SM for the persistent backward.
     for module, name in ((gelu, "bias_gelu"), (swiglu, "bias_swiglu")):
         for tile_values in (2048, 4096, 8192):
-            gelu._TILE_VALUES = tile_values
-            gelu.tile_for.cache_clear()
+            launch._TILE_VALUES = tile_values
+            launch.tile_for.cache_clear()
             for per_sm in (1, 2, 3, 4):
                 module._BACKWARD_PROGRAMS_PER_SM = per_sm
                 print(f"{name} tile {tile_values} values, {per_sm} programs/SM: {timings(*all_cases[name])}", flush=True)
-        gelu._TILE_VALUES = 4096
-        gelu.tile_for.cache_clear()
+        launch._TILE_VALUES = 4096
+        launch.tile_for.cache_clear()
     gelu._BACKWARD_PROGRAMS_PER_SM, swiglu._BACKWARD_PROGRAMS_PER_SM = 3, 2
 
 

@@ -9,6 +9,17 @@ torch custom op and the `<op>_reference` in plain torch:
     rotary.apply_rotary(q, k, cos, sin)               cos, sin (T, D/2), rotate-half convention
     cross_entropy.linear_cross_entropy(hidden, weight, targets, ignore_index=-100)
 
+Each op comes two ways with one signature: `<op>` through its autograd.Function, and
+`<op>_custom_op` through torch custom ops (namespace `bloomrun`, registered beside the op).
+Dynamo cannot trace into a Triton launch or an autograd.Function that launches one without
+breaking the graph, and each break stops Inductor from fusing the glue between kernels
+(residual adds, bias adds, casts). A custom op is one opaque node instead: `register_fake`
+gives its output shapes, dtypes and strides (those the host function really returns: new
+contiguous tensors), so tracing never runs a kernel, and `register_autograd` pairs each
+forward op with a backward op, opaque as well. Eager runs keep the autograd.Function:
+custom-op dispatch costs host time on every call, and the memory-bound kernels are already
+launch-bound (BENCHMARKS.md). References: torch docs "Custom Python Operators".
+
 The package exports those modules and `OPS`, the table the model's ops.py calls through; no
 function under a module's name (that made `import bloomrun.kernels.layer_norm as m` bind the
 function). See docs/kernels.md.
@@ -19,7 +30,6 @@ from __future__ import annotations
 from typing import Callable, NamedTuple
 
 from bloomrun.kernels import attention, bias_gelu, bias_swiglu, cross_entropy, layer_norm, rotary
-from bloomrun.kernels import library  # registers the custom ops; after the kernels it wraps
 
 
 class KernelOp(NamedTuple):
@@ -30,12 +40,12 @@ class KernelOp(NamedTuple):
 
 
 OPS: dict[str, KernelOp] = {
-    "layer_norm": KernelOp(layer_norm.layer_norm, library.layer_norm),
-    "bias_gelu": KernelOp(bias_gelu.bias_gelu, library.bias_gelu),
-    "bias_swiglu": KernelOp(bias_swiglu.bias_swiglu, library.bias_swiglu),
-    "attention": KernelOp(attention.attention, library.attention),
-    "apply_rotary": KernelOp(rotary.apply_rotary, library.apply_rotary),
-    "linear_cross_entropy": KernelOp(cross_entropy.linear_cross_entropy, library.linear_cross_entropy),
+    "layer_norm": KernelOp(layer_norm.layer_norm, layer_norm.layer_norm_custom_op),
+    "bias_gelu": KernelOp(bias_gelu.bias_gelu, bias_gelu.bias_gelu_custom_op),
+    "bias_swiglu": KernelOp(bias_swiglu.bias_swiglu, bias_swiglu.bias_swiglu_custom_op),
+    "attention": KernelOp(attention.attention, attention.attention_custom_op),
+    "apply_rotary": KernelOp(rotary.apply_rotary, rotary.apply_rotary_custom_op),
+    "linear_cross_entropy": KernelOp(cross_entropy.linear_cross_entropy, cross_entropy.linear_cross_entropy_custom_op),
 }
 
 __all__ = ["OPS", "KernelOp", "attention", "bias_gelu", "bias_swiglu", "cross_entropy", "layer_norm", "rotary"]

@@ -30,8 +30,9 @@ import math
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
-from bloomrun.kernels._launch import check_last_dim_contiguous, pick_configs
+from bloomrun.kernels._launch import check_last_dim_contiguous, last_dim_contiguous, pick_configs
 
 
 def _forward_configs() -> list[triton.Config]:
@@ -463,6 +464,56 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alibi_slopes: t
     or None for no position term. Returns a contiguous (B, T, H, D) tensor in q's dtype.
     """
     return AttentionFunction.apply(q, k, v, alibi_slopes)
+
+
+# ---------------------------------------------------------------------- as torch custom ops
+
+
+@torch.library.custom_op("bloomrun::attention_forward", mutates_args=())
+def _attention_forward_op(q: Tensor, k: Tensor, v: Tensor, alibi_slopes: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(o, lse): o (B, T, H, D) contiguous, lse (B * H, T) fp32; q, k, v may be strided views."""
+    q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
+    return attention_forward(q, k, v, alibi_slopes)
+
+
+@_attention_forward_op.register_fake
+def _(q, k, v, alibi_slopes):
+    batch, seq_len, num_heads, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty(batch * num_heads, seq_len, dtype=torch.float32)
+
+
+@torch.library.custom_op("bloomrun::attention_backward", mutates_args=())
+def _attention_backward_op(
+    do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, alibi_slopes: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv), each (B, T, H, D) contiguous."""
+    q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
+    return attention_backward(do, q, k, v, o, lse, alibi_slopes)
+
+
+@_attention_backward_op.register_fake
+def _(do, q, k, v, o, lse, alibi_slopes):
+    return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
+
+
+def _attention_op_setup(ctx, inputs, output):
+    q, k, v, alibi_slopes = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, alibi_slopes)
+    ctx.mark_non_differentiable(lse)
+
+
+def _attention_op_grad(ctx, do, _dlse):
+    dq, dk, dv = _attention_backward_op(do, *ctx.saved_tensors)
+    return dq, dk, dv, None
+
+
+_attention_forward_op.register_autograd(_attention_op_grad, setup_context=_attention_op_setup)
+
+
+def attention_custom_op(q: Tensor, k: Tensor, v: Tensor, alibi_slopes: Tensor | None = None) -> Tensor:
+    """`attention` as torch.ops.bloomrun.attention_forward/_backward, for torch.compile."""
+    return _attention_forward_op(q, k, v, alibi_slopes)[0]
 
 
 def attention_reference(q, k, v, alibi_slopes=None):

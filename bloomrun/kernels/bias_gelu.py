@@ -14,62 +14,30 @@ References: Megatron-LM `fused_bias_gelu.py` (the same tanh formula), Liger-Kern
 
 from __future__ import annotations
 
-import functools
-from typing import NamedTuple
-
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
-from bloomrun.kernels._launch import check_last_dim_contiguous, num_programs_for
+from bloomrun.kernels._launch import (
+    check_last_dim_contiguous,
+    last_dim_contiguous,
+    num_programs_for,
+    row_groups,
+    sum_partial_rows,
+    tile_for,
+)
 
 # The GELU constants sqrt(2/pi) and 0.044715 are spelled as literals inside the kernels:
 # compiled Triton refuses float globals in @triton.jit code (the interpreter accepts them,
 # so only a GPU run catches it).
 
-# Launch shapes are chosen by rule, not autotuned. Both kernels stream (M, F) tensors and
-# are memory-bound: a tile of 4096 values at 8 warps is 16 fp32 values per thread per live
-# tensor (two 16-byte bf16 loads), enough bytes in flight per SM without spilling. The
-# autotuned list this replaces had 32 x 1024 tiles at 4 warps (256 values per thread per
-# tensor; ptxas for sm_90a: 2.7 KB of spill stores in GELU's backward, 18.7 KB in SwiGLU's)
-# and cost Python on every call; a rule also needs no tuning sweep at start-up. ptxas at
-# F 8192 bf16 for this rule (4 x 1024 tiles, 8 warps): forward 34 registers, backward 80,
-# no spills.
-_TILE_VALUES = 4096
-_MAX_BLOCK_F = 1024
-_VALUES_PER_THREAD = 16
-# Persistent backward programs per SM: as many as are resident at once, so all run in one
-# wave and each SM keeps the most loads in flight (nothing pipelines loads across loop steps
-# here). ptxas (sm_90a, F 8192 bf16): 80 registers x 256 threads, so three fit in 64K.
+# Launch shapes: _launch.tile_for's rule (4096-value tiles at 8 warps, no autotuner; the
+# evidence is there). Persistent backward programs per SM: as many as are resident at once,
+# so all run in one wave and each SM keeps the most loads in flight (nothing pipelines loads
+# across loop steps here). ptxas (sm_90a, F 8192 bf16): 80 registers x 256 threads, so three
+# fit in 64K.
 _BACKWARD_PROGRAMS_PER_SM = 3
-# The partial-row reduction: 32 partial rows x 64 columns per step (256 contiguous bytes).
-_REDUCE_ROWS, _REDUCE_BLOCK, _REDUCE_WARPS = 32, 64, 4
-
-
-class Tile(NamedTuple):
-    rows: int
-    block_f: int
-    num_warps: int
-
-
-@functools.lru_cache(maxsize=None)
-def tile_for(n_cols: int) -> Tile:
-    """The (rows, columns, warps) of one tile for an activation `n_cols` wide."""
-    block_f = min(_MAX_BLOCK_F, triton.next_power_of_2(n_cols))
-    rows = max(1, _TILE_VALUES // block_f)
-    return Tile(rows, block_f, max(1, rows * block_f // (32 * _VALUES_PER_THREAD)))
-
-
-class RowGroups(NamedTuple):
-    count: int  # programs along the rows: partial rows of dbias
-    tiles_each: int  # row tiles per group (the last group may have fewer)
-
-
-def row_groups(n_row_tiles: int, n_col_blocks: int, num_programs: int) -> RowGroups:
-    """Splits the row tiles into contiguous runs so groups x column blocks ~ num_programs."""
-    wanted = max(1, min(n_row_tiles, triton.cdiv(num_programs, n_col_blocks)))
-    tiles_each = max(1, triton.cdiv(n_row_tiles, wanted))
-    return RowGroups(max(1, triton.cdiv(n_row_tiles, tiles_each)), tiles_each)
 
 
 @triton.jit
@@ -138,36 +106,6 @@ def _bias_gelu_backward_kernel(
     tl.store(DBias_partial + group * n_cols + cols, tl.sum(dbias, axis=0), mask=col_ok)
 
 
-@triton.jit
-def _sum_partial_rows_kernel(
-    Out,  # (N,) output, any float dtype
-    Partial,  # (P, N) fp32, contiguous
-    n_partial,  # P
-    n_cols,  # N
-    ROWS: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    # Column block per program; the partial rows are added in a fixed order (deterministic).
-    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    col_ok = cols < n_cols
-    acc = tl.zeros((ROWS, BLOCK), dtype=tl.float32)
-    for start in range(0, n_partial, ROWS):
-        rows = start + tl.arange(0, ROWS)
-        mask = (rows < n_partial)[:, None] & col_ok[None, :]
-        acc += tl.load(Partial + rows[:, None] * n_cols + cols[None, :], mask=mask, other=0.0)
-    tl.store(Out + cols, tl.sum(acc, axis=0).to(Out.dtype.element_ty), mask=col_ok)
-
-
-def sum_partial_rows(partial: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """partial.sum(0).to(dtype) for a contiguous (P, N) fp32 tensor, in one launch."""
-    n_partial, n_cols = partial.shape
-    out = torch.empty(n_cols, dtype=dtype, device=partial.device)
-    _sum_partial_rows_kernel[(triton.cdiv(n_cols, _REDUCE_BLOCK),)](
-        out, partial, n_partial, n_cols, ROWS=_REDUCE_ROWS, BLOCK=_REDUCE_BLOCK, num_warps=_REDUCE_WARPS,
-    )
-    return out
-
-
 def _as_rows(name, x, width):
     check_last_dim_contiguous(name, x)
     if x.shape[-1] != width:
@@ -205,7 +143,8 @@ def bias_gelu_backward(dy, x, bias):
         dx, dbias_partial, dy, x2, bias, n_cols, x2.stride(0), n_rows, n_cols, groups.tiles_each,
         BLOCK_M=tile.rows, BLOCK_F=tile.block_f, num_warps=tile.num_warps,
     )
-    return dx, sum_partial_rows(dbias_partial, bias.dtype)
+    (dbias,) = sum_partial_rows(bias.dtype, dbias_partial)
+    return dx, dbias
 
 
 class BiasGeluFunction(torch.autograd.Function):
@@ -223,6 +162,46 @@ class BiasGeluFunction(torch.autograd.Function):
 def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """gelu_tanh(x + bias) for x (..., F), bias (F,); the result has x's dtype."""
     return BiasGeluFunction.apply(x, bias)
+
+
+# ---------------------------------------------------------------------- as torch custom ops
+
+
+@torch.library.custom_op("bloomrun::bias_gelu_forward", mutates_args=())
+def _bias_gelu_forward_op(x: Tensor, bias: Tensor) -> Tensor:
+    return bias_gelu_forward(last_dim_contiguous(x), bias)
+
+
+@_bias_gelu_forward_op.register_fake
+def _(x, bias):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("bloomrun::bias_gelu_backward", mutates_args=())
+def _bias_gelu_backward_op(dy: Tensor, x: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
+    """(dx, dbias)."""
+    return bias_gelu_backward(dy, last_dim_contiguous(x), bias)
+
+
+@_bias_gelu_backward_op.register_fake
+def _(dy, x, bias):
+    return x.new_empty(x.shape), bias.new_empty(bias.shape)
+
+
+def _save_x_and_bias(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _bias_gelu_op_grad(ctx, dy):
+    return _bias_gelu_backward_op(dy, *ctx.saved_tensors)
+
+
+_bias_gelu_forward_op.register_autograd(_bias_gelu_op_grad, setup_context=_save_x_and_bias)
+
+
+def bias_gelu_custom_op(x: Tensor, bias: Tensor) -> Tensor:
+    """`bias_gelu` as torch.ops.bloomrun.bias_gelu_forward/_backward, for torch.compile."""
+    return _bias_gelu_forward_op(x, bias)
 
 
 def bias_gelu_reference(x, bias):

@@ -5,7 +5,7 @@ the gate a and the second half the value g: out = silu(a) * g, shape (..., F). T
 kernel reads the (..., 2F) input once and writes (..., F); the backward writes d(x) for
 both halves and, as bias-GELU's backward does, sums dbias as a persistent reduction: each
 program owns a column block and a run of rows, accumulates both halves in fp32 register
-tiles, writes one partial row, and bias_gelu.sum_partial_rows adds those in one launch.
+tiles, writes one partial row, and _launch.sum_partial_rows adds those in one launch.
 
 References: Shazeer, "GLU Variants Improve Transformer" (2020); Liger-Kernel `ops/swiglu.py`.
 """
@@ -15,11 +15,18 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
-from bloomrun.kernels._launch import check_last_dim_contiguous, num_programs_for
-from bloomrun.kernels.bias_gelu import row_groups, sum_partial_rows, tile_for
+from bloomrun.kernels._launch import (
+    check_last_dim_contiguous,
+    last_dim_contiguous,
+    num_programs_for,
+    row_groups,
+    sum_partial_rows,
+    tile_for,
+)
 
-# Launch shapes: bias_gelu.tile_for's rule (4096-value tiles, 16 fp32 values per thread per
+# Launch shapes: _launch.tile_for's rule (4096-value tiles, 16 fp32 values per thread per
 # live tensor, no autotuner) applied to the half width F. Persistent backward programs per
 # SM: as many as are resident at once; ptxas (sm_90a, F 5440 bf16): 127 registers x 256
 # threads, so two.
@@ -138,7 +145,8 @@ def bias_swiglu_backward(dy, x, bias):
         dx, dbias_partial, dy, x2, bias, half, x2.stride(0), n_rows, half, groups.tiles_each,
         BLOCK_M=tile.rows, BLOCK_F=tile.block_f, num_warps=tile.num_warps,
     )
-    return dx, sum_partial_rows(dbias_partial, bias.dtype)
+    (dbias,) = sum_partial_rows(bias.dtype, dbias_partial)
+    return dx, dbias
 
 
 class BiasSwigluFunction(torch.autograd.Function):
@@ -156,6 +164,47 @@ class BiasSwigluFunction(torch.autograd.Function):
 def bias_swiglu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """silu(a) * g where (a, g) = (x + bias).chunk(2, -1); x (..., 2F) -> (..., F)."""
     return BiasSwigluFunction.apply(x, bias)
+
+
+# ---------------------------------------------------------------------- as torch custom ops
+
+
+@torch.library.custom_op("bloomrun::bias_swiglu_forward", mutates_args=())
+def _bias_swiglu_forward_op(x: Tensor, bias: Tensor) -> Tensor:
+    """x (..., 2F) -> (..., F)."""
+    return bias_swiglu_forward(last_dim_contiguous(x), bias)
+
+
+@_bias_swiglu_forward_op.register_fake
+def _(x, bias):
+    return x.new_empty(*x.shape[:-1], x.shape[-1] // 2)
+
+
+@torch.library.custom_op("bloomrun::bias_swiglu_backward", mutates_args=())
+def _bias_swiglu_backward_op(dy: Tensor, x: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
+    """(dx, dbias)."""
+    return bias_swiglu_backward(dy, last_dim_contiguous(x), bias)
+
+
+@_bias_swiglu_backward_op.register_fake
+def _(dy, x, bias):
+    return x.new_empty(x.shape), bias.new_empty(bias.shape)
+
+
+def _save_x_and_bias(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _bias_swiglu_op_grad(ctx, dy):
+    return _bias_swiglu_backward_op(dy, *ctx.saved_tensors)
+
+
+_bias_swiglu_forward_op.register_autograd(_bias_swiglu_op_grad, setup_context=_save_x_and_bias)
+
+
+def bias_swiglu_custom_op(x: Tensor, bias: Tensor) -> Tensor:
+    """`bias_swiglu` as torch.ops.bloomrun.bias_swiglu_forward/_backward, for torch.compile."""
+    return _bias_swiglu_forward_op(x, bias)
 
 
 def bias_swiglu_reference(x, bias):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
 from bloomrun.kernels._launch import interpreting
 
@@ -138,6 +139,76 @@ def autocast_operands(hidden: torch.Tensor, weight: torch.Tensor) -> tuple[torch
         return hidden, weight
     dtype = torch.get_autocast_dtype(device_type)
     return hidden.to(dtype), weight.to(dtype)
+
+
+# ---------------------------------------------------------------------- as a torch custom op
+
+
+@torch.library.custom_op("bloomrun::linear_cross_entropy_forward", mutates_args=())
+def _linear_cross_entropy_forward_op(
+    hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int, need_d_hidden: bool, need_d_weight: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(loss, d_hidden, d_weight) with the gradients of the mean loss; a gradient not
+    needed comes back as an empty (0,) tensor and costs nothing.
+
+    The host function decides what to compute from `requires_grad`, which is always False
+    inside an op (autograd has been handled above it), hence the two flags.
+    """
+    # Grad mode off: the host function's `matmul(out=...)` refuses inputs that require grad.
+    # Autocast off: the caller has cast both operands already, as the eager path does.
+    with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
+        loss, d_hidden, d_weight = linear_cross_entropy_forward(
+            hidden.detach().requires_grad_(need_d_hidden), weight.detach().requires_grad_(need_d_weight),
+            targets, ignore_index,
+        )
+    return loss, _or_empty(d_hidden, hidden), _or_empty(d_weight, weight)
+
+
+def _or_empty(grad: Tensor | None, like: Tensor) -> Tensor:
+    return grad if grad is not None else like.new_empty(0)
+
+
+@_linear_cross_entropy_forward_op.register_fake
+def _(hidden, weight, targets, ignore_index, need_d_hidden, need_d_weight):
+    loss = hidden.new_empty((), dtype=torch.float32)
+    d_hidden = torch.empty_like(hidden) if need_d_hidden else hidden.new_empty(0)
+    d_weight = torch.empty_like(weight) if need_d_weight else weight.new_empty(0)
+    return loss, d_hidden, d_weight
+
+
+def _linear_cross_entropy_op_setup(ctx, inputs, output):
+    _loss, d_hidden, d_weight = output
+    ctx.save_for_backward(d_hidden, d_weight)
+    ctx.need = inputs[4:6]
+    ctx.mark_non_differentiable(d_hidden, d_weight)
+
+
+def _linear_cross_entropy_op_grad(ctx, d_loss, _dd_hidden, _dd_weight):
+    # Out of place (eager scales in place): in a compiled graph Inductor fuses this multiply
+    # with what consumes the gradient, such as autocast's cast back to the fp32 weight.
+    d_hidden, d_weight = ctx.saved_tensors
+    need_d_hidden, need_d_weight = ctx.need
+    return (
+        d_hidden * d_loss.to(d_hidden.dtype) if need_d_hidden else None,
+        d_weight * d_loss.to(d_weight.dtype) if need_d_weight else None,
+        None, None, None, None,
+    )
+
+
+_linear_cross_entropy_forward_op.register_autograd(
+    _linear_cross_entropy_op_grad, setup_context=_linear_cross_entropy_op_setup
+)
+
+
+def linear_cross_entropy_custom_op(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:
+    """`linear_cross_entropy` as torch.ops.bloomrun.linear_cross_entropy_forward, for
+    torch.compile: operands cast to the autocast dtype first, as there."""
+    hidden, weight = autocast_operands(hidden, weight)
+    grad = torch.is_grad_enabled()
+    loss, _, _ = _linear_cross_entropy_forward_op(
+        hidden, weight, targets, ignore_index, grad and hidden.requires_grad, grad and weight.requires_grad
+    )
+    return loss
 
 
 def linear_cross_entropy_reference(hidden, weight, targets, ignore_index=-100):

@@ -4,8 +4,8 @@ Used for every LayerNorm of the BLOOM block and for the embedding LayerNorm. The
 reads x once and writes y plus one (mean, rstd) pair per row; the backward recomputes the
 normalised input from them instead of saving it. dW and dB are accumulated per persistent
 program in (ROWS, BLOCK) fp32 register tiles, reduced over rows once at the end into one
-partial row per program, and a second small kernel sums the partial rows of both in one
-launch, in a fixed order, writing the parameters' dtype: no atomics, so the result is
+partial row per program, and a second small kernel (_launch.sum_partial_rows) sums the
+partial rows of both in one launch, in a fixed order, writing the parameters' dtype: no atomics, so the result is
 deterministic on a given device (the number of programs follows the SM count).
 
 References: Triton tutorial 05 (layer-norm), Liger-Kernel `ops/layer_norm.py`.
@@ -14,13 +14,20 @@ References: Triton tutorial 05 (layer-norm), Liger-Kernel `ops/layer_norm.py`.
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
-from bloomrun.kernels._launch import check_last_dim_contiguous, num_programs_for
+from bloomrun.kernels._launch import (
+    check_last_dim_contiguous,
+    last_dim_contiguous,
+    num_programs_for,
+    sum_partial_rows,
+)
 
 # Launch configurations are chosen by rule, not autotuned, as in Triton's layer-norm
 # tutorial. Why: these kernels are memory-bound and their best shape follows from the row's
@@ -40,9 +47,6 @@ _VALUES_PER_THREAD = 16
 # Persistent backward programs per SM: as many as fill 16 warps (two 8-warp programs at
 # <= 128 registers fit one SM). More would only add partial rows for the second kernel.
 _WARPS_PER_SM = 16
-# The partial-row reduction: 32 partial rows x 64 columns per step (256 contiguous bytes per
-# row), 4 warps, so even a 2048-wide parameter is split over 32 programs.
-_REDUCE_ROWS, _REDUCE_BLOCK, _REDUCE_WARPS = 32, 64, 4
 
 
 class RowTile(NamedTuple):
@@ -141,32 +145,6 @@ def _layer_norm_backward_kernel(
     tl.store(DB_partial + pid * n_cols + cols, tl.sum(db_acc, axis=0), mask=col_ok)
 
 
-@triton.jit
-def _layer_norm_param_grads_kernel(
-    DW,  # (C,) output, the weight's dtype
-    DB,  # (C,) output
-    DW_partial,  # (P, C) fp32
-    DB_partial,  # (P, C) fp32
-    n_partial,  # P
-    n_cols,
-    ROWS: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    # Column block per program; the partial rows are added in a fixed order (deterministic).
-    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    col_ok = cols < n_cols
-    dw_acc = tl.zeros((ROWS, BLOCK), dtype=tl.float32)
-    db_acc = tl.zeros((ROWS, BLOCK), dtype=tl.float32)
-    for start in range(0, n_partial, ROWS):
-        rows = start + tl.arange(0, ROWS)
-        mask = (rows < n_partial)[:, None] & col_ok[None, :]
-        offsets = rows[:, None] * n_cols + cols[None, :]
-        dw_acc += tl.load(DW_partial + offsets, mask=mask, other=0.0)
-        db_acc += tl.load(DB_partial + offsets, mask=mask, other=0.0)
-    tl.store(DW + cols, tl.sum(dw_acc, axis=0).to(DW.dtype.element_ty), mask=col_ok)
-    tl.store(DB + cols, tl.sum(db_acc, axis=0).to(DB.dtype.element_ty), mask=col_ok)
-
-
 def _as_rows(x: torch.Tensor) -> torch.Tensor:
     check_last_dim_contiguous("layer_norm input", x)
     return x.reshape(-1, x.shape[-1])
@@ -191,18 +169,6 @@ def layer_norm_forward(x, weight, bias, eps, out_dtype=None):
     return y, mean, rstd
 
 
-def sum_param_grad_partials(dw_partial, db_partial, dtype):
-    """(dw_partial.sum(0), db_partial.sum(0)) in `dtype`, in one launch."""
-    n_partial, n_cols = dw_partial.shape
-    dweight = torch.empty(n_cols, dtype=dtype, device=dw_partial.device)
-    dbias = torch.empty(n_cols, dtype=dtype, device=dw_partial.device)
-    _layer_norm_param_grads_kernel[(triton.cdiv(n_cols, _REDUCE_BLOCK),)](
-        dweight, dbias, dw_partial, db_partial, n_partial, n_cols,
-        ROWS=_REDUCE_ROWS, BLOCK=_REDUCE_BLOCK, num_warps=_REDUCE_WARPS,
-    )
-    return dweight, dbias
-
-
 def layer_norm_backward(dy, x, weight, mean, rstd):
     """Returns (dx, dweight, dbias)."""
     x2 = _as_rows(x)
@@ -220,7 +186,7 @@ def layer_norm_backward(dy, x, weight, mean, rstd):
         n_cols, dy2.stride(0), x2.stride(0), n_rows, n_cols,
         BLOCK=tile.block, ROWS=tile.rows, num_warps=tile.num_warps,
     )
-    dweight, dbias = sum_param_grad_partials(dw_partial, db_partial, weight.dtype)
+    dweight, dbias = sum_partial_rows(weight.dtype, dw_partial, db_partial)
     return dx, dweight, dbias
 
 
@@ -249,6 +215,57 @@ def layer_norm(
     more, per LayerNorm, each way). dx stays in x's dtype.
     """
     return LayerNormFunction.apply(x, weight, bias, eps, out_dtype)
+
+
+# ---------------------------------------------------------------------- as torch custom ops
+
+
+@torch.library.custom_op("bloomrun::layer_norm_forward", mutates_args=())
+def _layer_norm_forward_op(
+    x: Tensor, weight: Tensor, bias: Tensor, eps: float, out_dtype: torch.dtype | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(y, mean, rstd): y like x (in `out_dtype` if given), mean and rstd (rows,) fp32."""
+    return layer_norm_forward(last_dim_contiguous(x), weight, bias, eps, out_dtype)
+
+
+@_layer_norm_forward_op.register_fake
+def _(x, weight, bias, eps, out_dtype):
+    stats = x.new_empty(math.prod(x.shape[:-1]), dtype=torch.float32)
+    return x.new_empty(x.shape, dtype=out_dtype or x.dtype), stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("bloomrun::layer_norm_backward", mutates_args=())
+def _layer_norm_backward_op(dy: Tensor, x: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx, dweight, dbias)."""
+    return layer_norm_backward(last_dim_contiguous(dy), last_dim_contiguous(x), weight, mean, rstd)
+
+
+@_layer_norm_backward_op.register_fake
+def _(dy, x, weight, mean, rstd):
+    return x.new_empty(x.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape)
+
+
+def _layer_norm_op_setup(ctx, inputs, output):
+    x, weight, _bias, _eps, _out_dtype = inputs
+    _y, mean, rstd = output
+    ctx.save_for_backward(x, weight, mean, rstd)
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _layer_norm_op_grad(ctx, dy, _dmean, _drstd):
+    x, weight, mean, rstd = ctx.saved_tensors
+    dx, dweight, dbias = _layer_norm_backward_op(dy, x, weight, mean, rstd)
+    return dx, dweight, dbias, None, None
+
+
+_layer_norm_forward_op.register_autograd(_layer_norm_op_grad, setup_context=_layer_norm_op_setup)
+
+
+def layer_norm_custom_op(
+    x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5, out_dtype: torch.dtype | None = None
+) -> Tensor:
+    """`layer_norm` as torch.ops.bloomrun.layer_norm_forward/_backward, for torch.compile."""
+    return _layer_norm_forward_op(x, weight, bias, eps, out_dtype)[0]
 
 
 def layer_norm_reference(x, weight, bias, eps=1e-5):

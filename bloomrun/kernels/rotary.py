@@ -16,8 +16,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
-from bloomrun.kernels._launch import check_last_dim_contiguous
+from bloomrun.kernels._launch import check_last_dim_contiguous, last_dim_contiguous
 
 
 @triton.jit
@@ -105,6 +106,41 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
     return RotaryFunction.apply(q, k, cos, sin)
 
 
+# ---------------------------------------------------------------------- as a torch custom op
+
+
+@torch.library.custom_op("bloomrun::rotary", mutates_args=())
+def _rotary_op(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
+    """(q_out, k_out), new contiguous (B, T, H, D); `inverse` rotates by minus the angles."""
+    return rotary_forward(last_dim_contiguous(q), last_dim_contiguous(k), cos, sin, inverse)
+
+
+@_rotary_op.register_fake
+def _(q, k, cos, sin, inverse):
+    return q.new_empty(q.shape), k.new_empty(k.shape)
+
+
+def _rotary_op_setup(ctx, inputs, output):
+    _q, _k, cos, sin, inverse = inputs
+    ctx.save_for_backward(cos, sin)
+    ctx.inverse = inverse
+
+
+def _rotary_op_grad(ctx, dq_out, dk_out):
+    # A rotation's transpose is the rotation by minus the angles: the same op, inverted.
+    cos, sin = ctx.saved_tensors
+    dq, dk = _rotary_op(dq_out, dk_out, cos, sin, not ctx.inverse)
+    return dq, dk, None, None, None
+
+
+_rotary_op.register_autograd(_rotary_op_grad, setup_context=_rotary_op_setup)
+
+
+def apply_rotary_custom_op(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """`apply_rotary` as torch.ops.bloomrun.rotary, for torch.compile."""
+    return _rotary_op(q, k, cos, sin, False)
+
+
 def rotary_reference(q, k, cos, sin):
     """Plain torch in fp32, cast back to the inputs' dtype."""
 
@@ -115,9 +151,3 @@ def rotary_reference(q, k, cos, sin):
 
     return rotate(q), rotate(k)
 
-
-def rotary_angles(seq_len: int, head_dim: int, base: float = 10000.0, device=None):
-    """cos and sin of shape (T, D/2) for the standard frequencies base^(-2i/D)."""
-    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
-    angles = torch.arange(seq_len, dtype=torch.float32, device=device)[:, None] * inv_freq[None, :]
-    return angles.cos(), angles.sin()

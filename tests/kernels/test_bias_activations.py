@@ -3,7 +3,8 @@ import torch
 
 from bloomrun.kernels import bias_gelu as bias_gelu_module
 from bloomrun.kernels import bias_swiglu as bias_swiglu_module
-from bloomrun.kernels.bias_gelu import bias_gelu, bias_gelu_reference, row_groups, sum_partial_rows, tile_for
+from bloomrun.kernels._launch import row_groups, tile_for
+from bloomrun.kernels.bias_gelu import bias_gelu, bias_gelu_reference
 from bloomrun.kernels.bias_swiglu import bias_swiglu, bias_swiglu_reference
 from tests.kernels.conftest import DEVICE, DTYPES, ON_GPU, assert_close, leaf, upcast_leaf
 
@@ -59,22 +60,6 @@ def test_bias_activation_backward_over_uneven_row_groups(monkeypatch, op, n_rows
     # What this test is about: several groups, several tiles each, a short last group.
     assert groups.count > 1 and groups.tiles_each > 1 and groups.count * groups.tiles_each > n_tiles
     check_against_reference(op, (n_rows,), 2 * half if op == "swiglu" else half, torch.float32)
-
-
-@pytest.mark.parametrize("n_row_tiles, n_col_blocks, programs", [(1, 1, 4), (9, 1, 4), (2048, 8, 264), (7, 3, 2)])
-def test_row_groups_cover_every_tile_once(n_row_tiles, n_col_blocks, programs):
-    groups = row_groups(n_row_tiles, n_col_blocks, programs)
-    assert (groups.count - 1) * groups.tiles_each < n_row_tiles <= groups.count * groups.tiles_each
-    assert groups.count <= -(-programs // n_col_blocks)  # about `programs` in all
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_sum_partial_rows_adds_every_row(dtype):
-    # More partial rows than one reduction step holds, and a column tail.
-    partial = torch.randn(70, 130, device=DEVICE)
-    out = sum_partial_rows(partial, dtype)
-    assert out.dtype == dtype
-    assert_close("sum", out, partial.sum(0), dtype)
 
 
 @pytest.mark.parametrize("op", OPS)

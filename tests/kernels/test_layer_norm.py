@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from bloomrun.kernels import layer_norm as layer_norm_module
-from bloomrun.kernels.layer_norm import layer_norm, layer_norm_reference, sum_param_grad_partials
+from bloomrun.kernels.layer_norm import layer_norm, layer_norm_reference
 from tests.kernels.conftest import DEVICE, DTYPES, ON_GPU, assert_close, leaf, upcast_leaf
 
 # (leading shape, C): a single row, odd row counts, widths that are not powers of two, and a
@@ -45,16 +45,6 @@ def test_layer_norm_backward_with_more_row_blocks_than_programs(monkeypatch):
     n_row_blocks = -(-n_rows // tile.rows)
     assert n_row_blocks > 4 and n_row_blocks % 4 and n_rows % tile.rows  # what this test is about
     check_against_reference((n_rows,), width, torch.float32)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_param_grad_partials_sum_over_every_partial_row(dtype):
-    # More partial rows than one reduction step holds, and a column tail.
-    dw_partial, db_partial = torch.randn(70, 130, device=DEVICE), torch.randn(70, 130, device=DEVICE)
-    dweight, dbias = sum_param_grad_partials(dw_partial, db_partial, dtype)
-    assert dweight.dtype == dbias.dtype == dtype
-    assert_close("dweight", dweight, dw_partial.sum(0), dtype)
-    assert_close("dbias", dbias, db_partial.sum(0), dtype)
 
 
 def test_layer_norm_reads_rows_of_a_wider_buffer():

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from bloomrun.kernels.rotary import apply_rotary, rotary_angles, rotary_reference
+from bloomrun.kernels.rotary import apply_rotary, rotary_reference
+from bloomrun.trainer.model.positions import rotary_cos_sin
 from tests.kernels.conftest import DEVICE, DTYPES, ON_GPU, assert_close, upcast_leaf
 
 SHAPES = [(1, 1, 2, 16), (2, 7, 3, 16), (1, 37, 5, 24)]
@@ -15,7 +16,7 @@ def test_rotary_matches_reference_forward_and_backward(shape, dtype):
     batch, seq, heads, head_dim = shape
     qkv = torch.randn(batch, seq, heads, 3, head_dim, device=DEVICE).to(dtype).requires_grad_(True)
     q, k, _ = qkv.unbind(dim=3)  # strided views, as the model passes them
-    cos, sin = rotary_angles(seq, head_dim, device=DEVICE)
+    cos, sin = rotary_cos_sin(seq, head_dim, device=DEVICE)
     grads = [torch.randn(shape, device=DEVICE).to(dtype) for _ in range(2)]
 
     outs = apply_rotary(q, k, cos, sin)
@@ -36,7 +37,7 @@ def test_rotary_matches_reference_forward_and_backward(shape, dtype):
 def test_rotary_preserves_norm_and_position_zero():
     q = torch.randn(1, 5, 2, 32, device=DEVICE)
     k = torch.randn(1, 5, 2, 32, device=DEVICE)
-    cos, sin = rotary_angles(5, 32, device=DEVICE)
+    cos, sin = rotary_cos_sin(5, 32, device=DEVICE)
     q_rot, _ = apply_rotary(q, k, cos, sin)
     assert_close("position 0 unrotated", q_rot[:, 0], q[:, 0], torch.float32)
     assert_close("norm", q_rot.norm(dim=-1), q.norm(dim=-1), torch.float32)
