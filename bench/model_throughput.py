@@ -19,22 +19,15 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from bench.common import report
 from bloomrun.trainer.config import DataConfig, DataSource, ModelConfig, TrainerConfig, TrainingConfig
-from bloomrun.trainer.data.indexed import IndexedDatasetWriter, best_fitting_dtype
+from bloomrun.trainer.data.indexed import best_fitting_dtype
 from bloomrun.trainer.metrics import flops_per_token
+from tests.trainer.data_helpers import random_documents, write_dataset
 
 VOCAB = 50257
-
-
-def write_random_corpus(prefix: Path, vocab: int, seq_length: int, num_samples: int) -> None:
-    rng = np.random.default_rng(0)
-    with IndexedDatasetWriter(prefix, best_fitting_dtype(vocab)) as writer:
-        for _ in range(num_samples):
-            writer.add_document(rng.integers(0, vocab, seq_length + 1))
 
 
 def trainer_config(data_prefix: Path, preset: str, kernels: str, compile_model: bool, micro_batch: int,
@@ -124,7 +117,7 @@ def main() -> None:
                    seq_length=shape.seq_length, targets=dict(tokens_per_s=62_000, model_tflops=560))
     with tempfile.TemporaryDirectory() as tmp:
         prefix = Path(tmp) / "random_text_document"
-        write_random_corpus(prefix, shape.vocab_size, shape.seq_length, num_samples=64)
+        write_dataset(prefix, random_documents(64, shape.seq_length + 1, shape.vocab_size), best_fitting_dtype(shape.vocab_size))
         for variant in args.variants.split(","):
             try:
                 if variant == "hf":

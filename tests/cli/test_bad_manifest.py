@@ -6,11 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
 
-from bloomrun.trainer.data import IndexedDatasetWriter, index_path
+from bloomrun.trainer.data import index_path
+from tests.trainer.data_helpers import random_documents, write_dataset
 
 REPO = Path(__file__).resolve().parents[2]
 BLOOMCTL = str(Path(sys.executable).parent / "bloomctl")  # the installed entry point users run
@@ -20,12 +20,8 @@ TINY = yaml.safe_load((REPO / "examples" / "tiny.yaml").read_text())
 @pytest.fixture
 def corpus_dir(tmp_path) -> Path:
     """Two small well-formed corpora and no tokenizer, in place of the demo's."""
-    rng = np.random.default_rng(0)
-    for name in ("a", "b"):
-        writer = IndexedDatasetWriter(tmp_path / "data" / name, np.uint16)
-        for _ in range(20):
-            writer.add_document(rng.integers(0, 1000, size=100))
-        writer.finalize()
+    for seed, name in enumerate(("a", "b")):
+        write_dataset(tmp_path / "data" / name, random_documents(20, 100, vocab=1000, seed=seed))
     return tmp_path
 
 

@@ -15,26 +15,13 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import yaml
+from tests.trainer.data_helpers import write_corpus  # noqa: F401  the runs' corpus, for the suites that launch runs
 
 REPO = Path(__file__).resolve().parents[2]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 GLOBAL_BATCH = 8
 SEQ = 32
-
-
-def write_corpus(prefix: Path) -> Path:
-    """A small learnable corpus: arithmetic progressions, so the loss visibly falls."""
-    from bloomrun.trainer.data import IndexedDatasetWriter
-
-    rng = np.random.default_rng(0)
-    writer = IndexedDatasetWriter(prefix, np.uint16)
-    for _ in range(200):
-        start, stride = int(rng.integers(0, 50)), int(rng.integers(1, 4))
-        writer.add_document([(start + i * stride) % 1000 for i in range(int(rng.integers(40, 200)))])
-    writer.finalize()
-    return prefix
 
 
 def config(corpus: Path, checkpoints: Path, *, steps: int = 6, zero: int = 1, every: int = 2,
