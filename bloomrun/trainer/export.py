@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from bloomrun.trainer.config import ModelConfig
-from bloomrun.trainer.model import Bloom
+from bloomrun.trainer.model import Bloom, ModelArgs
 
 HF_PREFIX = "transformer."
 HF_LM_HEAD = "lm_head.weight"
@@ -167,7 +167,7 @@ def export_hf(
     # Names and shapes against the model the config describes (built on the meta device: no
     # memory), so a checkpoint exported with the wrong config fails here, not in from_pretrained.
     with torch.device("meta"):
-        expected = Bloom(model_cfg).state_dict()
+        expected = Bloom(ModelArgs.from_config(model_cfg)).state_dict()
     ours = {name.removeprefix(HF_PREFIX): tensor for name, tensor in tensors.items()}
     check_fits(expected, ours, "weights do not fit the model config")
     dtypes = {t.dtype for t in tensors.values()}

@@ -85,7 +85,7 @@ def run_labels(env=os.environ) -> tuple[str, str]:
 class Trainer:
     def __init__(self, cfg: TrainerConfig, world: parallel.World | None = None, serve_metrics: bool = True):
         from bloomrun.trainer.data import build_train_samples, global_batch_size_at, validate_data
-        from bloomrun.trainer.model import Bloom
+        from bloomrun.trainer.model import build_model
 
         self.cfg = cfg
         self.world = world = world or parallel.World.from_env()
@@ -115,7 +115,7 @@ class Trainer:
 
         # Model: the same seed on every rank gives the same initial weights.
         torch.manual_seed(cfg.training.seed)
-        model = Bloom(cfg.model).to(self.device)
+        model = build_model(cfg.model, self.device)  # kernels chosen for this device
         self.num_parameters = model.num_parameters()
         if cfg.training.compile:
             model.compile()  # in place: parameter names stay the checkpoint's names

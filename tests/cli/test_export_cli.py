@@ -12,7 +12,7 @@ from bloomrun.cli.launch import resolve_trainer_config
 from bloomrun.cli.main import main
 from bloomrun.operator.spec import load_manifest
 from bloomrun.trainer import checkpoint as ckpt
-from bloomrun.trainer.model import Bloom
+from bloomrun.trainer.model import Bloom, build_model
 from tests.cli.elastic_harness import REPO, tiny_manifest
 
 
@@ -35,7 +35,7 @@ def run_dir(tmp_path):
     torch.manual_seed(0)
     models = {}
     for step in (10, 20, 30):
-        model = Bloom(config.model)
+        model = build_model(config.model)
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(0.05 * torch.randn_like(p))  # not the init: LayerNorms and biases too

@@ -82,11 +82,11 @@ def export_and_compare(run_dir, out):
     from transformers import BloomForCausalLM
 
     from bloomrun.cli.export import load_config
-    from bloomrun.trainer.model import Bloom
+    from bloomrun.trainer.model import build_model
 
     result = subprocess.run([BLOOMCTL, "export", str(run_dir), "--output", str(out)], capture_output=True, text=True)
     assert result.returncode == 0 and f"exported step {STEPS}" in result.stdout, result.stderr
-    ours = Bloom(load_config(run_dir / "config.yaml").model)
+    ours = build_model(load_config(run_dir / "config.yaml").model)
     ours.load_state_dict(ckpt.read_tensors(run_dir / "checkpoints" / f"step-{STEPS:08d}", "model.safetensors"))
     hf = BloomForCausalLM.from_pretrained(out).eval()
     ids = torch.randint(0, 1000, (2, 64), generator=torch.Generator().manual_seed(0))

@@ -20,7 +20,7 @@ from torch._dynamo.backends.debugging import aot_eager, boxed_nop
 
 import bloomrun.kernels  # noqa: F401  registers the bloomrun:: ops
 from bloomrun.trainer.config import ModelConfig
-from bloomrun.trainer.model import Bloom
+from bloomrun.trainer.model import Bloom, build_model
 from tests.kernels.conftest import DEVICE
 
 REPO = Path(__file__).resolve().parents[2]
@@ -35,7 +35,7 @@ VARIANTS = {
 
 def micro_model(knobs: dict) -> Bloom:
     torch.manual_seed(0)
-    return Bloom(ModelConfig(kernels="triton", **MICRO, **knobs)).to(DEVICE)
+    return build_model(ModelConfig(kernels="triton", **MICRO, **knobs), DEVICE)
 
 
 def token_batch() -> tuple[torch.Tensor, torch.Tensor]:

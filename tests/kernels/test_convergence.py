@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from bloomrun.trainer.config import ModelConfig
-from bloomrun.trainer.model import Bloom
+from bloomrun.trainer.model import build_model
 from tests.kernels.conftest import DEVICE, ON_GPU
 
 MICRO = dict(preset=None, num_layers=2, hidden_size=32, num_heads=2, seq_length=16, vocab_size=64)
@@ -35,7 +35,7 @@ def pattern_batches(steps, batch, seq, vocab, seed=1):
 def train_losses(kernels, shape, steps, batch, autocast_dtype=None, **knobs):
     torch.manual_seed(0)
     cfg = ModelConfig(kernels=kernels, **shape, **knobs)
-    model = Bloom(cfg).to(DEVICE)
+    model = build_model(cfg, DEVICE)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
     dims = cfg.shape()
     losses = []

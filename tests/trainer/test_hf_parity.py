@@ -7,7 +7,7 @@ import torch
 from transformers.models.bloom.modeling_bloom import build_alibi_tensor
 
 from bloomrun.trainer.export import load_hf_state_dict
-from bloomrun.trainer.model import Bloom
+from bloomrun.trainer.model import build_model
 from bloomrun.trainer.model.positions import alibi_slopes
 from tests.trainer.hf_helpers import model_cfg, random_hf_model
 
@@ -26,7 +26,7 @@ TOLERANCE = 1e-4  # the issue's bar for fp32 logits
 def test_logits_match_transformers(num_layers, hidden_size, num_heads):
     cfg = model_cfg(num_layers, hidden_size, num_heads)
     hf = random_hf_model(cfg)
-    ours = Bloom(cfg).eval()
+    ours = build_model(cfg).eval()
     load_hf_state_dict(ours, hf.state_dict())
     ids = torch.randint(0, 300, (3, 37), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -41,7 +41,7 @@ def test_loss_matches_transformers_with_shifted_labels():
     # HF shifts labels inside the model; ours takes them already aligned.
     cfg = model_cfg(2, 96, 6)
     hf = random_hf_model(cfg, seed=3)
-    ours = Bloom(cfg).eval()
+    ours = build_model(cfg).eval()
     load_hf_state_dict(ours, hf.state_dict())
     ids = torch.randint(0, 300, (2, 20), generator=torch.Generator().manual_seed(2))
     labels = torch.full_like(ids, -100)
@@ -55,7 +55,7 @@ def test_loss_matches_transformers_with_shifted_labels():
 def test_gradients_match_transformers():
     cfg = model_cfg(2, 96, 12)
     hf = random_hf_model(cfg, seed=5)
-    ours = Bloom(cfg)
+    ours = build_model(cfg)
     load_hf_state_dict(ours, hf.state_dict())
     ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(4))
     hf(ids).logits.square().mean().backward()

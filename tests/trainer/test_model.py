@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import bloomrun.kernels
 from bloomrun.trainer.config import PRESETS, ModelConfig
-from bloomrun.trainer.model import Bloom, mlp_width, ops
+from bloomrun.trainer.model import Bloom, ModelArgs, build_model, mlp_width, ops
 from bloomrun.trainer.model.positions import alibi_slopes, rotary_cos_sin
 
 POSITIONS = ("alibi", "rotary", "learned", "none")
@@ -25,7 +25,7 @@ def small_cfg(**overrides) -> ModelConfig:
 
 def build(seed: int = 0, **overrides) -> Bloom:
     torch.manual_seed(seed)
-    return Bloom(small_cfg(**overrides))
+    return build_model(small_cfg(**overrides))
 
 
 def random_ids(batch: int = 2, length: int = 12, seed: int = 1) -> torch.Tensor:
@@ -141,7 +141,8 @@ def test_swiglu_keeps_the_parameter_count_close_to_gelu():
     assert swiglu.h[0].mlp.dense_4h_to_h.weight.shape == (48, 128)
     for preset in ("1b3", "7b1"):
         with torch.device("meta"):
-            counts = [Bloom(ModelConfig(preset=preset, activation=a)).num_parameters() for a in ("gelu", "swiglu")]
+            counts = [Bloom(ModelArgs.from_config(ModelConfig(preset=preset, activation=a))).num_parameters()
+                      for a in ("gelu", "swiglu")]
         assert abs(counts[1] - counts[0]) / counts[0] < 0.005
     ids = random_ids()
     with torch.no_grad():
@@ -168,7 +169,7 @@ def test_loss_with_labels_is_cross_entropy_of_the_logits():
     labels[0, :4] = -100
     labels[2, -1] = -100
     logits = model(ids)
-    assert logits.shape == (3, 11, model.cfg.padded_vocab_size)
+    assert logits.shape == (3, 11, model.args.vocab_size)
     expected = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
     torch.testing.assert_close(model(ids, labels=labels), expected, rtol=1e-6, atol=1e-6)
 
@@ -186,7 +187,7 @@ def test_init_is_deterministic_and_follows_the_recipe():
     assert not torch.equal(a.word_embeddings.weight, c.word_embeddings.weight)
 
     torch.manual_seed(0)
-    big = Bloom(ModelConfig(preset=None, num_layers=8, hidden_size=256, num_heads=4, seq_length=16, vocab_size=128, init_std=0.05))
+    big = build_model(ModelConfig(preset=None, num_layers=8, hidden_size=256, num_heads=4, seq_length=16, vocab_size=128, init_std=0.05))
     block = big.h[0]
     assert block.self_attention.query_key_value.weight.std().item() == pytest.approx(0.05, rel=0.05)
     scaled = 0.05 / math.sqrt(2 * 8)
@@ -217,7 +218,7 @@ def test_preset_parameter_counts_match_the_published_bloom_models():
     }
     for preset, count in published.items():
         with torch.device("meta"):  # shape only: nothing is allocated
-            assert Bloom(ModelConfig(preset=preset)).num_parameters() == count, preset
+            assert Bloom(ModelArgs.from_config(ModelConfig(preset=preset))).num_parameters() == count, preset
     assert set(published) | {"tiny", "1b3"} == set(PRESETS)
 
 
@@ -234,7 +235,7 @@ def test_torch_attention_matches_the_explicit_alibi_math_on_strided_inputs():
     scores = torch.einsum("bihd,bjhd->bhij", q, k) / math.sqrt(D) - slopes[:, None, None] * (i - j)
     scores = scores.masked_fill(j > i, float("-inf"))
     expected = torch.einsum("bhij,bjhd->bihd", scores.softmax(-1), v)
-    torch.testing.assert_close(ops.attention(q, k, v, slopes, backend="torch"), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ops.attention(q, k, v, slopes), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_rotary_scores_depend_only_on_relative_position():
@@ -242,24 +243,22 @@ def test_rotary_scores_depend_only_on_relative_position():
     cos, sin = rotary_cos_sin(12, D)
     q = torch.randn(1, 1, 1, D).expand(1, 12, 1, D)  # the same vector at every position
     k = torch.randn(1, 1, 1, D).expand(1, 12, 1, D)
-    rq, rk = ops.apply_rotary(q, k, cos, sin, backend="torch")
+    rq, rk = ops.apply_rotary(q, k, cos, sin)
     score = lambda m, n: (rq[0, m, 0] * rk[0, n, 0]).sum()  # noqa: E731
     torch.testing.assert_close(score(5, 2), score(9, 6), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(rq.norm(dim=-1), q.norm(dim=-1), rtol=1e-5, atol=1e-5)
     assert not torch.allclose(score(5, 2), score(5, 4))
 
 
-def test_auto_backend_uses_torch_on_the_cpu(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("the Triton kernel ran for a CPU tensor under auto")
-
-    monkeypatch.setitem(bloomrun.kernels.OPS, "layer_norm", bloomrun.kernels.KernelOp(refuse, refuse))
-    x = torch.randn(4, 8)
-    out = ops.layer_norm(x, torch.ones(8), torch.zeros(8), 1e-5, backend="auto")
-    torch.testing.assert_close(out, F.layer_norm(x, (8,)))
+def test_auto_kernels_are_triton_on_cuda_and_torch_elsewhere():
+    assert ops.resolve("auto", torch.device("cpu")) is ops.TORCH
+    assert ops.resolve("auto", "cuda:1") is ops.TRITON
+    assert ops.resolve("triton", "cpu") is ops.TRITON and ops.resolve("torch", "cuda") is ops.TORCH
+    model = build_model(small_cfg(kernels="auto"))
+    assert {m.kernels.name for m in model.modules() if hasattr(m, "kernels")} == {"torch"}
 
 
-def test_triton_backend_calls_the_kernel_package(monkeypatch):
+def test_triton_kernels_call_the_kernel_package(monkeypatch):
     calls = []
 
     def fake_bias_gelu(x, bias):
@@ -268,16 +267,16 @@ def test_triton_backend_calls_the_kernel_package(monkeypatch):
 
     monkeypatch.setitem(bloomrun.kernels.OPS, "bias_gelu", bloomrun.kernels.KernelOp(fake_bias_gelu, fake_bias_gelu))
     x = torch.randn(2, 6)
-    assert ops.bias_gelu(x, torch.zeros(6), backend="triton") is x
+    assert ops.TRITON.bias_gelu(x, torch.zeros(6)) is x
     assert calls == [((2, 6), (6,))]
 
 
 def test_missing_kernel_and_unknown_backend_are_clear_errors(monkeypatch):
     monkeypatch.delitem(bloomrun.kernels.OPS, "bias_swiglu")
     with pytest.raises(NotImplementedError, match="model.kernels: torch"):
-        ops.bias_swiglu(torch.randn(2, 4), torch.zeros(4), backend="triton")
+        ops.TRITON.bias_swiglu(torch.randn(2, 4), torch.zeros(4))
     with pytest.raises(ValueError, match="kernels must be one of"):
-        ops.bias_gelu(torch.randn(2, 4), torch.zeros(4), backend="cuda")
+        ops.resolve("cuda", "cuda")
 
 
 @pytest.mark.parametrize("position, activation", [("alibi", "gelu"), ("rotary", "swiglu")])
@@ -287,8 +286,8 @@ def test_triton_kernels_train_the_same_model_as_torch(position, activation):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cfg = small_cfg(num_layers=1, hidden_size=32, num_heads=2, position=position, activation=activation, init_std=0.2)
     torch.manual_seed(0)
-    reference = Bloom(cfg).to(device)
-    fused = Bloom(cfg.model_copy(update={"kernels": "triton"})).to(device)
+    reference = build_model(cfg, device)
+    fused = build_model(cfg.model_copy(update={"kernels": "triton"}), device)
     fused.load_state_dict(reference.state_dict())
     ids = random_ids(length=13).to(device)
     labels = random_ids(length=13, seed=5).to(device)

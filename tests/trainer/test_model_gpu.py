@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bloomrun.trainer.export import load_hf_state_dict
-from bloomrun.trainer.model import Bloom
+from bloomrun.trainer.model import build_model
 from tests.trainer.hf_helpers import model_cfg, random_hf_model
 
 pytestmark = [
@@ -19,7 +19,7 @@ pytestmark = [
 def test_torch_path_matches_transformers_on_cuda(num_heads):
     cfg = model_cfg(2, 128 if num_heads == 16 else 96, num_heads)
     hf = random_hf_model(cfg).cuda()
-    ours = Bloom(cfg).eval()
+    ours = build_model(cfg).eval()
     load_hf_state_dict(ours, hf.state_dict())
     ours.cuda()
     ids = torch.randint(0, 300, (2, 333), device="cuda")
@@ -32,8 +32,8 @@ def test_default_kernels_on_cuda_agree_with_torch(position):
     # auto means Triton on CUDA: the trainer's default path must train the same model.
     cfg = model_cfg(2, 256, 4).model_copy(update={"position": position})
     torch.manual_seed(0)
-    reference = Bloom(cfg).cuda()
-    fused = Bloom(cfg.model_copy(update={"kernels": "auto"})).cuda()
+    reference = build_model(cfg, "cuda")
+    fused = build_model(cfg.model_copy(update={"kernels": "auto"}), "cuda")
     fused.load_state_dict(reference.state_dict())
     ids = torch.randint(0, 300, (2, 257), device="cuda")
     losses = []
