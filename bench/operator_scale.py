@@ -32,7 +32,7 @@ from kubernetes import client, watch  # noqa: E402
 from bloomrun.operator.spec import GROUP, PLURAL, VERSION  # noqa: E402
 from tests.cluster.control_plane import start_cluster  # noqa: E402
 from tests.cluster.nodes import POOLS, node_manifest  # noqa: E402
-from tests.cluster.processes import free_port  # noqa: E402
+from tests.operator.e2e import Operator  # noqa: E402
 
 POOL = "bench"
 
@@ -140,10 +140,7 @@ def main() -> int:
 
         namespace = cluster.new_namespace("bench")
         clock = PodClock(core, namespace)
-        metrics_port = free_port()
-        operator = cluster.spawn("operator-bench", [sys.executable, "-m", "bloomrun.operator", "--standalone",
-                                                     "--liveness", "", "--metrics-port", str(metrics_port)],
-                                 env=cluster.env() | {"PYTHONPATH": str(REPO)})
+        operator = Operator(cluster, "--standalone", timer_interval=None)  # the operator's own timer interval
         # Measure a warm operator: one small run first, so start-up (watches, the pod index)
         # is not counted in the first figure.
         custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, manifest("warmup", namespace, 1))
@@ -195,7 +192,7 @@ def main() -> int:
         results["pod failure -> replacement created, p50"] = f"{percentile(replace, 50):.2f} s"
         results["pod failure -> replacement created, p99"] = f"{percentile(replace, 99):.2f} s"
 
-        cpu, peak = process_usage(operator.process.pid)
+        cpu, peak = process_usage(operator.child.process.pid)
         results["operator CPU over the benchmark"] = f"{cpu:.1f} s (wall {time.monotonic() - started:.0f} s)"
         results["operator peak RSS"] = f"{peak / 2**20:.0f} MiB"
         clock.stop = True

@@ -1,11 +1,9 @@
-"""The real operator (`python -m bloomrun.operator`) as a child process of a chart test,
-running with the identity and the arguments the chart gives it."""
+"""The real operator (`tests/operator/e2e.Operator`) in a chart test, running with the
+identity and the arguments the chart gives it."""
 
 from __future__ import annotations
 
 import json
-import os
-import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -14,7 +12,8 @@ import yaml
 
 from tests.chart.helm import CHART, render
 from tests.cluster.nodes import POOLS
-from tests.cluster.processes import Child, free_port, wait_until
+from tests.cluster.processes import wait_until
+from tests.operator.e2e import Operator
 
 
 @contextmanager
@@ -40,35 +39,18 @@ def deployment_args(values: dict) -> list[str]:
     return deployment["spec"]["template"]["spec"]["containers"][0]["args"]
 
 
-class OperatorProcess:
-    def __init__(self, child: Child, metrics_port: int):
-        self.child, self.metrics_port = child, metrics_port
-
-    def log(self) -> str:
-        return self.child.log.read_text(errors="replace")
-
-
 @contextmanager
-def running_operator(cluster, release: dict, log_dir: Path,
-                     metrics_port: int | None = None) -> Iterator[OperatorProcess]:
+def running_operator(cluster, release: dict, metrics_port: int | None = None) -> Iterator[Operator]:
     """Runs the operator as the release's ServiceAccount (a real token, not admin
     credentials), with the chart's arguments except the ports, which must be free here."""
     kubeconfig = cluster.token_kubeconfig(release["namespace"], release["service_account"])
-    metrics_port, health_port = metrics_port or free_port(), free_port()
     args = [arg for arg in deployment_args(release["values"])
             if not arg.startswith(("--metrics-port=", "--liveness="))]
-    args += [f"--metrics-port={metrics_port}", f"--liveness=http://127.0.0.1:{health_port}/healthz",
-             "--timer-interval=2"]
-    env = {**os.environ, "KUBECONFIG": kubeconfig}
-    child = Child("operator", [sys.executable, "-m", "bloomrun.operator", *args],
-                  log_dir / f"operator-{release['release']}.log", env=env)
-    child.start()
-
+    operator = Operator(cluster, *args, kubeconfig=kubeconfig, metrics_port=metrics_port, timer_interval=2)
     try:
-        child.wait_http_ok(f"http://127.0.0.1:{health_port}/healthz", 60, "operator /healthz")
-        yield OperatorProcess(child, metrics_port)
+        yield operator
     finally:
-        child.stop()
+        operator.stop()
 
 
 def probe_run(name: str, gpu_hours_budget: float | None = None) -> dict:

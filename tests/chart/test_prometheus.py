@@ -95,7 +95,7 @@ def stack(cluster, tmp_path_factory, team_namespace):
     trainer = start_trainer(folder, trainer_port)
     try:
         with chart_release(cluster, {"watchNamespaces": [team]}) as release, \
-                running_operator(cluster, release, folder, metrics_port=operator_port):
+                running_operator(cluster, release, metrics_port=operator_port):
             manifest = probe_run(CLUSTER_RUN, gpu_hours_budget=1)
             manifest["spec"]["restartPolicy"] = {"backoffSeconds": 0}
             apply_run(cluster, team, manifest)

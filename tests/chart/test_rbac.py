@@ -49,11 +49,11 @@ def check_reconciled(cluster, namespace: str, name: str) -> None:
     assert events, "the operator posted no Event"
 
 
-def test_namespaced_release_reconciles_its_namespace_and_is_refused_the_rest(cluster, tmp_path):
+def test_namespaced_release_reconciles_its_namespace_and_is_refused_the_rest(cluster):
     team = cluster.new_namespace("rbac-team")
     other = cluster.new_namespace("rbac-other")
     with chart_release(cluster, {"watchNamespaces": [team]}) as release, \
-            running_operator(cluster, release, tmp_path) as operator:
+            running_operator(cluster, release) as operator:
         reconciles_end_to_end(cluster, team, "probe")
         assert_never_refused(operator)
 
@@ -71,9 +71,9 @@ def test_namespaced_release_reconciles_its_namespace_and_is_refused_the_rest(clu
         assert not refused(lambda: core.list_namespaced_pod(team))  # the control: allowed
 
 
-def test_cluster_wide_release_reconciles_any_namespace_but_never_reads_secrets(cluster, tmp_path):
+def test_cluster_wide_release_reconciles_any_namespace_but_never_reads_secrets(cluster):
     team = cluster.new_namespace("rbac-any")
-    with chart_release(cluster, {}) as release, running_operator(cluster, release, tmp_path) as operator:
+    with chart_release(cluster, {}) as release, running_operator(cluster, release) as operator:
         reconciles_end_to_end(cluster, team, "probe")
         assert_never_refused(operator)
         api = cluster.impersonating(service_account_user(release["namespace"], release["service_account"]))

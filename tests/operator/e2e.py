@@ -34,16 +34,24 @@ BASE_SPEC = {
 
 
 class Operator:
-    """The operator as a subprocess, with its liveness and metrics ports."""
+    """`python -m bloomrun.operator` as a child of the test cluster (stopped with it at the
+    latest), on free liveness and metrics ports: how the operator tests, the chart tests and
+    bench/operator_scale.py all start it.
 
-    def __init__(self, cluster, *extra_args: str):
+    It acts as the cluster admin unless `kubeconfig` gives another identity (the chart tests
+    pass a ServiceAccount's token); `extra_args` come last, so they may override the rest.
+    """
+
+    def __init__(self, cluster, *extra_args: str, kubeconfig: str | None = None,
+                 metrics_port: int | None = None, timer_interval: float | None = TIMER_S):
         self.cluster = cluster
-        self.liveness_port, self.metrics_port = free_port(), free_port()
+        self.liveness_port, self.metrics_port = free_port(), metrics_port or free_port()
         argv = [sys.executable, "-m", "bloomrun.operator", "--liveness",
-                f"http://127.0.0.1:{self.liveness_port}/healthz", "--metrics-port", str(self.metrics_port),
-                "--timer-interval", str(TIMER_S), *extra_args]
-        env = cluster.env() | {"PYTHONPATH": str(REPO)}
-        self.child = cluster.spawn(f"operator-{uuid.uuid4().hex[:4]}", argv, env=env)
+                f"http://127.0.0.1:{self.liveness_port}/healthz", "--metrics-port", str(self.metrics_port)]
+        if timer_interval is not None:
+            argv += ["--timer-interval", str(timer_interval)]
+        env = cluster.env() | {"PYTHONPATH": str(REPO)} | ({"KUBECONFIG": kubeconfig} if kubeconfig else {})
+        self.child = cluster.spawn(f"operator-{uuid.uuid4().hex[:4]}", [*argv, *extra_args], env=env)
         self.wait_live()
 
     def wait_live(self, timeout: float = 60) -> None:
@@ -58,6 +66,9 @@ class Operator:
     def metrics(self) -> str:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as response:
             return response.read().decode()
+
+    def log(self) -> str:
+        return self.child.log.read_text(errors="replace")
 
     def stop(self) -> None:
         self.child.stop()
