@@ -33,7 +33,14 @@ from bloomrun.trainer import checkpoint as ckpt
 from bloomrun.trainer import parallel
 from bloomrun.trainer.config import TrainerConfig
 from bloomrun.trainer.metrics import TrainerMetrics, flops_per_token, peak_flops, throughput
-from bloomrun.trainer.schedule import decay_tokens, learning_rate, run_length
+from bloomrun.trainer.schedule import (
+    decay_tokens,
+    global_batch_size_at,
+    learning_rate,
+    micro_batches,
+    rank_sample_indices,
+    run_length,
+)
 
 log = logging.getLogger("bloomrun.trainer")
 
@@ -84,13 +91,12 @@ def run_labels(env=os.environ) -> tuple[str, str]:
 
 class Trainer:
     def __init__(self, cfg: TrainerConfig, world: parallel.World | None = None, serve_metrics: bool = True):
-        from bloomrun.trainer.data import build_train_samples, global_batch_size_at, validate_data
+        from bloomrun.trainer.data import build_train_samples, validate_data
         from bloomrun.trainer.model import build_model
 
         self.cfg = cfg
         self.world = world = world or parallel.World.from_env()
         self.shape = cfg.model.shape()
-        self._batch_size_at = global_batch_size_at
         self.checkpoint_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else None
 
         # Data: checked before anything else so a bad file fails with its name, at once.
@@ -109,7 +115,7 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = True
 
         # Run length and schedule depend only on the config: every rank computes the same.
-        self.target_steps, run_tokens = run_length(cfg.training, self.shape.seq_length, global_batch_size_at)
+        self.target_steps, run_tokens = run_length(cfg.training, self.shape.seq_length)
         self.decay_tokens = decay_tokens(cfg.optim, run_tokens)
         first_batch = global_batch_size_at(0, cfg.training)
 
@@ -206,12 +212,10 @@ class Trainer:
         """One optimiser step over the global batch that starts at consumed_samples."""
         training = self.cfg.training
         consumed = self.state.consumed_samples
-        global_batch = self._batch_size_at(consumed, training)
+        global_batch = global_batch_size_at(consumed, training)
         accumulation = parallel.gradient_accumulation(global_batch, training.micro_batch_size, self.world.world_size)
         if accumulation != self.engine.gradient_accumulation_steps():
             self.engine.set_train_batch_size(global_batch)  # batch-size ramp-up
-        from bloomrun.trainer.data import micro_batches, rank_sample_indices
-
         indices = rank_sample_indices(consumed, global_batch, self.world.rank, self.world.world_size,
                                       training.micro_batch_size)
         lr = learning_rate(self._tokens_of(consumed + global_batch), self.cfg.optim, self.decay_tokens)
@@ -414,7 +418,7 @@ class Trainer:
         policy = self.cfg.training.nan_policy
         skip_end = self.state.consumed_samples
         for _ in range(policy.skip_steps_after_rollback):
-            skip_end += self._batch_size_at(skip_end, self.cfg.training)
+            skip_end += global_batch_size_at(skip_end, self.cfg.training)
         skipped_range = [self._bad_streak_start, skip_end]
         counters = (self.state.skipped_steps, self.state.rollbacks + 1, self.state.skipped_ranges + [skipped_range])
         choice = self._choose_checkpoint() if self.checkpoint_dir is not None else None

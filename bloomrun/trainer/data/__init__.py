@@ -1,5 +1,6 @@
-"""Training data: Megatron-DeepSpeed's .bin/.idx format, samples, blends and the batch
-schedule. See docs/data.md for the formats, the sampling math and the resume guarantees."""
+"""Training data: Megatron-DeepSpeed's .bin/.idx format, samples and blends (which samples a
+step and a rank train on is ../schedule.py). See docs/data.md for the formats, the sampling
+math and the resume guarantees."""
 
 from .indexed import (
     DTYPE_CODES,
@@ -11,14 +12,6 @@ from .indexed import (
     index_path,
 )
 from .samples import BlendedSamples, GPTSamples
-from .schedule import (
-    check_divisible,
-    consumed_samples_after,
-    global_batch_size_at,
-    micro_batches,
-    rank_sample_indices,
-    steps_for_tokens,
-)
 from .sources import build_train_samples, resolve, validate_data
 
 __all__ = [
@@ -30,14 +23,8 @@ __all__ = [
     "MMapIndexedDataset",
     "best_fitting_dtype",
     "build_train_samples",
-    "check_divisible",
-    "consumed_samples_after",
     "data_path",
-    "global_batch_size_at",
     "index_path",
-    "micro_batches",
-    "rank_sample_indices",
     "resolve",
-    "steps_for_tokens",
     "validate_data",
 ]
