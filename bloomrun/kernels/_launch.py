@@ -139,16 +139,16 @@ def _sum_partial_rows_kernel(
         tl.store(Out2 + cols, tl.sum(acc2, axis=0).to(Out2.dtype.element_ty), mask=col_ok)
 
 
-def sum_partial_rows(dtype: torch.dtype, *partials: torch.Tensor) -> list[torch.Tensor]:
-    """`[p.sum(0).to(dtype) for p in partials]` for one or two contiguous (P, N) fp32 tensors
-    of one shape, in one launch (LayerNorm sums its dW and dB partials together)."""
+def sum_partial_rows(dtype: torch.dtype, *partials: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """`p.sum(0).to(dtype)` for each of one or two contiguous (P, N) fp32 tensors of one shape,
+    in one launch (LayerNorm sums its dW and dB partials together)."""
     first, last = partials[0], partials[-1]
-    if len(partials) > 2 or last.shape != first.shape:
-        raise ValueError(f"sum_partial_rows takes one or two partials of one shape, got {[tuple(p.shape) for p in partials]}")
+    paired = last is not first
     n_partial, n_cols = first.shape
-    outs = [torch.empty(n_cols, dtype=dtype, device=first.device) for _ in partials]
+    out = torch.empty(n_cols, dtype=dtype, device=first.device)
+    out2 = torch.empty(n_cols, dtype=dtype, device=first.device) if paired else out
     _sum_partial_rows_kernel[(triton.cdiv(n_cols, _REDUCE_BLOCK),)](
-        outs[0], first, outs[-1], last, n_partial, n_cols,
-        PAIRED=len(partials) == 2, ROWS=_REDUCE_ROWS, BLOCK=_REDUCE_BLOCK, num_warps=_REDUCE_WARPS,
+        out, first, out2, last, n_partial, n_cols,
+        PAIRED=paired, ROWS=_REDUCE_ROWS, BLOCK=_REDUCE_BLOCK, num_warps=_REDUCE_WARPS,
     )
-    return outs
+    return (out, out2) if paired else (out,)

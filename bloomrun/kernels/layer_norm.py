@@ -5,8 +5,9 @@ reads x once and writes y plus one (mean, rstd) pair per row; the backward recom
 normalised input from them instead of saving it. dW and dB are accumulated per persistent
 program in (ROWS, BLOCK) fp32 register tiles, reduced over rows once at the end into one
 partial row per program, and a second small kernel (_launch.sum_partial_rows) sums the
-partial rows of both in one launch, in a fixed order, writing the parameters' dtype: no atomics, so the result is
-deterministic on a given device (the number of programs follows the SM count).
+partial rows of both in one launch, in a fixed order, writing the parameters' dtype: no
+atomics, so the result is deterministic on a given device (the number of programs follows
+the SM count).
 
 References: Triton tutorial 05 (layer-norm), Liger-Kernel `ops/layer_norm.py`.
 """
