@@ -17,7 +17,6 @@ from pathlib import Path
 
 import yaml
 
-from bloomrun.cli.launch import resolve_path
 from bloomrun.cli.main import UserError
 
 METADATA = "metadata.json"  # bloomrun.trainer.checkpoint.METADATA, without importing torch here
@@ -63,6 +62,7 @@ def load_config(path: Path):
 
     from bloomrun.operator.spec import ManifestError, load_manifest
     from bloomrun.trainer.config import TrainerConfig, format_validation_error
+    from bloomrun.trainer.resolve import resolve_config
 
     if not path.is_file():
         raise UserError(f"{path}: no such config (give --config MANIFEST)")
@@ -75,10 +75,7 @@ def load_config(path: Path):
             config = load_manifest(path).spec.trainer_config()
         except ManifestError as err:
             raise UserError(str(err)) from None
-        if config.data.tokenizer:  # a manifest's paths are relative to its folder
-            data = config.data.model_copy(update={"tokenizer": resolve_path(config.data.tokenizer, path.parent)})
-            config = config.model_copy(update={"data": data})
-        return config
+        return resolve_config(config, base_dir=path.parent)  # as bloomctl run resolves it
     try:
         return TrainerConfig.model_validate(raw)
     except ValidationError as err:

@@ -13,7 +13,6 @@ import os
 import queue
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -29,6 +28,7 @@ import yaml
 from bloomrun.cli import launch
 from bloomrun.cli.main import UserError
 from bloomrun.cli.progress import ProgressDisplay, parse_metrics
+from bloomrun.trainer import elastic
 
 SCRAPE_EVERY_S = 1.0
 
@@ -76,82 +76,58 @@ def run(args: argparse.Namespace) -> int:
 def prepare(args: argparse.Namespace, env, cwd: Path) -> Launch:
     """Load and check the manifest and its data, write the resolved config: every user
     error surfaces here as a UserError, before any worker starts."""
-    from bloomrun.operator.spec import ManifestError, load_manifest
-    from bloomrun.trainer.data import DataError, validate_data
+    from bloomrun.trainer.resolve import resolve_config
 
     manifest = Path(args.manifest)
+    bloomrun = load(manifest)
+    name = bloomrun.metadata.name
+    out = launch.run_dir(name, args.output, cwd).absolute()
+    rdzv_port, metrics_port = elastic.free_ports(2)
+    config = resolve_config(bloomrun.spec.trainer_config(), base_dir=manifest.parent.absolute(),
+                            checkpoint_dir=out / "checkpoints", metrics_port=metrics_port, train_steps=args.steps)
+    check_data(config, manifest)
+
+    if args.fresh and (out / "checkpoints").exists():
+        shutil.rmtree(out / "checkpoints")
+    out.mkdir(parents=True, exist_ok=True)
+    config_path = out / "config.yaml"
+    config_path.write_text(yaml.safe_dump(config.model_dump(mode="json", by_alias=True), sort_keys=False))
+    cache = elastic.cache_dir(env)
+    rendezvous = elastic.Rendezvous(f"127.0.0.1:{rdzv_port}", run_id=f"{name}-{uuid.uuid4().hex[:8]}")
+    command = elastic.build_torchrun_command(elastic.Launch(
+        str(config_path), rendezvous, nproc=args.nproc, max_restarts=args.max_restarts,
+        launcher=(sys.executable, "-m", "torch.distributed.run"), log_dir=str(cache / "torchrun")))
+    worker_env = launch.build_worker_env(env, cache=cache, nproc=args.nproc, num_cpus=usable_cpus(),
+                                         run_name=name, metrics_port_file=out / "metrics-port")
+    return Launch(name, command, worker_env, out, config_path, f"http://127.0.0.1:{metrics_port}/metrics")
+
+
+def load(manifest: Path):
+    from bloomrun.operator.spec import ManifestError, load_manifest
+
     if not manifest.is_file():
         raise UserError(f"{manifest}: no such manifest file")
     try:
-        bloomrun = load_manifest(manifest)
-        config = bloomrun.spec.trainer_config()
+        return load_manifest(manifest)
     except ManifestError as err:
         raise UserError(str(err)) from None
-    name = bloomrun.metadata.name
-    out = launch.run_dir(name, args.output, cwd).absolute()
-    checkpoints = out / "checkpoints"
-    rdzv_port, metrics_port = free_ports(2)
-    config = resolve(config, manifest, checkpoints, metrics_port, args.steps)
+
+
+def check_data(config, manifest: Path) -> None:
+    from bloomrun.trainer.data import DataError, validate_data
+
     shape = config.model.shape()
     try:
-        validate_data(config.data, shape.vocab_size, manifest.parent.absolute(), seq_length=shape.seq_length)
+        validate_data(config.data, shape.vocab_size, seq_length=shape.seq_length)
     except (DataError, OSError) as err:
         # DataError names the field from the spec down (data.sources[1] ...).
         where = "spec." if str(err).startswith("data.") else ""
         raise UserError(f"{manifest}: {where}{err}") from None
 
-    if args.fresh and checkpoints.exists():
-        shutil.rmtree(checkpoints)
-    out.mkdir(parents=True, exist_ok=True)
-    config_path = out / "config.yaml"
-    config_path.write_text(yaml.safe_dump(config.model_dump(mode="json", by_alias=True), sort_keys=False))
-    cache = launch.cache_dir(env)
-    rendezvous = launch.Rendezvous(
-        endpoint=f"127.0.0.1:{rdzv_port}", run_id=f"{name}-{uuid.uuid4().hex[:8]}"
-    )
-    command = launch.build_torchrun_command(
-        config_path,
-        nproc=args.nproc,
-        rendezvous=rendezvous,
-        max_restarts=args.max_restarts,
-        log_dir=cache / "torchrun",
-        python=sys.executable,
-    )
-    worker_env = launch.build_worker_env(
-        env, cache=cache, nproc=args.nproc, num_cpus=usable_cpus(), run_name=name
-    )
-    return Launch(name, command, worker_env, out, config_path, f"http://127.0.0.1:{metrics_port}/metrics")
-
-
-def resolve(config, manifest: Path, checkpoints: Path, metrics_port: int, steps: int | None):
-    from pydantic import ValidationError
-
-    from bloomrun.trainer.config import format_validation_error
-
-    try:
-        return launch.resolve_trainer_config(
-            config,
-            manifest_dir=manifest.parent.absolute(),
-            checkpoint_dir=checkpoints,
-            metrics_port=metrics_port,
-            train_steps=steps,
-        )
-    except ValidationError as err:  # e.g. --steps against a manifest's other settings
-        raise UserError(format_validation_error(err, "spec")) from None
-
 
 def usable_cpus() -> int:
     """Cores this process may run on (a container's or taskset's limit, not the host's)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def free_ports(count: int) -> list[int]:
-    """Distinct free TCP ports on localhost (held open together so they differ)."""
-    with ExitStack() as stack:
-        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
 
 
 # ------------------------------------------------------------------------ supervising

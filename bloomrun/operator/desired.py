@@ -14,6 +14,9 @@ from typing import Any, Callable
 import yaml
 
 from bloomrun.operator.spec import API_VERSION, KIND, PLURAL, GROUP, BloomRunSpec, ManifestError
+from bloomrun.trainer import elastic
+from bloomrun.trainer.config import TrainerConfig
+from bloomrun.trainer.resolve import resolve_config
 
 OPERATOR = "bloomrun-operator"
 RUN_LABEL = "bloomrun.io/run"
@@ -25,14 +28,9 @@ MANAGED_BY = "app.kubernetes.io/managed-by"
 RDZV_PORT = 29400
 CONFIG_DIR = "/etc/bloomrun"
 CONFIG_FILE = "config.yaml"
-# The trainer checkpoints on SIGTERM and then exits 0; a 1.3B ZeRO checkpoint to shared
-# storage takes tens of seconds, so the kubelet's default 30 s grace could cut it short.
-TERMINATION_GRACE_S = 300
 # In-pod restarts torchrun tries after a worker process fails before the pod itself fails
 # and the operator's restart policy takes over (membership changes do not count).
 TORCHRUN_MAX_RESTARTS = 3
-# What the trainer issue measured makes torch elastic reliable on scale-down and rejoin.
-RDZV_CONF = "last_call_timeout=2,keep_alive_interval=1,keep_alive_max_attempt=3"
 RUN_AS_USER = 1000
 GPU_RESOURCE = "nvidia.com/gpu"
 
@@ -122,8 +120,16 @@ def _metadata(run: Run, name: str, component: str, **extra_labels: str) -> dict:
 # ---------------------------------------------------------------------- infrastructure
 
 
+def pod_trainer_config(run: Run) -> TrainerConfig:
+    """The config the pods read: relative data paths are inside the data volume (where the
+    pod sees its data, whatever its working directory), checkpoints go to their volume."""
+    spec = run.spec
+    return resolve_config(spec.trainer_config(), base_dir=spec.data_volume.mount_path,
+                          checkpoint_dir=spec.checkpoint_volume.mount_path)
+
+
 def desired_config_map(run: Run) -> dict:
-    config = run.spec.resolved_trainer_config().model_dump(by_alias=True, mode="json")
+    config = pod_trainer_config(run).model_dump(by_alias=True, mode="json")
     return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _metadata(run, config_map_name(run), "config"),
             "data": {CONFIG_FILE: yaml.safe_dump(config, sort_keys=False)}}
 
@@ -202,35 +208,28 @@ def content_hash(objects: Any) -> str:
 # ---------------------------------------------------------------------------- workers
 
 
-def torchrun_command(run: Run) -> list[str]:
+def torchrun_launch(run: Run) -> elastic.Launch:
     spec = run.spec
-    return [
-        "torchrun",
-        f"--nnodes={spec.nodes.min}:{spec.nodes.max}",
-        f"--nproc-per-node={max(spec.gpus_per_node, 1)}",
-        "--rdzv-backend=c10d",
-        f"--rdzv-endpoint={rendezvous_endpoint(run)}",
-        # Never the default id: jobs sharing an endpoint would share rendezvous state.
-        f"--rdzv-id={run.uid}",
-        f"--rdzv-conf={RDZV_CONF}",
-        f"--max-restarts={TORCHRUN_MAX_RESTARTS}",
-        "-m", "bloomrun.trainer.train",
-        "--config", f"{CONFIG_DIR}/{CONFIG_FILE}",
-    ]
+    # Never the default id: jobs sharing an endpoint would share rendezvous state.
+    rendezvous = elastic.Rendezvous(rendezvous_endpoint(run), run.uid, nnodes=f"{spec.nodes.min}:{spec.nodes.max}")
+    return elastic.Launch(f"{CONFIG_DIR}/{CONFIG_FILE}", rendezvous, nproc=max(spec.gpus_per_node, 1),
+                          max_restarts=TORCHRUN_MAX_RESTARTS)
+
+
+def torchrun_command(run: Run) -> list[str]:
+    return elastic.build_torchrun_command(torchrun_launch(run))
 
 
 def worker_env(run: Run) -> list[dict]:
-    operator_env = [
-        # Restarted agents must not reuse the rendezvous TCP store and read dead peers'
-        # addresses (pytorch issue 135712): with this, recovery worked 8 of 8 times.
-        {"name": "TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "value": "1"},
-        {"name": "BLOOMRUN_RUN_NAME", "value": run.name},
-        {"name": "BLOOMRUN_RUN_NAMESPACE", "value": run.namespace},
-        {"name": "BLOOMRUN_RUN_UID", "value": run.uid},
-        {"name": "PYTHONUNBUFFERED", "value": "1"},
-    ]
+    """torchrun's variables (bloomrun.trainer.elastic), the run's identity (the trainer
+    reports progress to this run's status with it), then the user's."""
+    operator_env = elastic.build_env() | {
+        "BLOOMRUN_RUN_NAME": run.name,
+        "BLOOMRUN_RUN_NAMESPACE": run.namespace,
+        "BLOOMRUN_RUN_UID": run.uid,
+    }
     user_names = {e.name for e in run.spec.env}
-    return [e for e in operator_env if e["name"] not in user_names] + [
+    return [{"name": k, "value": v} for k, v in operator_env.items() if k not in user_names] + [
         {"name": e.name, "value": e.value} for e in run.spec.env
     ]
 
@@ -295,7 +294,8 @@ def worker_pod_spec(run: Run) -> dict:
         "restartPolicy": "Never",  # the operator replaces failed workers, with backoff and a count
         "subdomain": service_name(run),
         "serviceAccountName": service_account_name(run),
-        "terminationGracePeriodSeconds": TERMINATION_GRACE_S,
+        # torchrun's --shutdown-timeout is derived from it (bloomrun.trainer.elastic).
+        "terminationGracePeriodSeconds": elastic.GRACE_PERIOD_S,
         "securityContext": {"runAsNonRoot": True, "runAsUser": RUN_AS_USER, "runAsGroup": RUN_AS_USER,
                             "fsGroup": RUN_AS_USER, "seccompProfile": {"type": "RuntimeDefault"}},
         "nodeSelector": dict(spec.pool.node_selector),

@@ -26,7 +26,7 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
-from bloomrun.trainer.config import Section, TrainerConfig, format_validation_error
+from bloomrun.trainer.config import CheckpointConfig, Section, TrainerConfig, format_validation_error
 
 GROUP = "bloomrun.io"
 VERSION = "v1alpha1"
@@ -167,19 +167,41 @@ class ResourceRequirements(Section):
         return self
 
 
+LAUNCHER_CHECKPOINT_DIR = ("set by the launcher, not the manifest: bloomctl run uses runs/<name>/checkpoints, "
+                           "a pod its checkpointVolume's mountPath")
+
+
+class RunCheckpointConfig(CheckpointConfig):
+    """The trainer's checkpoint section as a BloomRun has it: every field but `dir`."""
+
+    model_config = ConfigDict(
+        json_schema_extra=Cel.rules(("!has(self.dir)", f"checkpoint.dir is {LAUNCHER_CHECKPOINT_DIR}"))
+    )
+
+    dir: str | None = None
+    """Refused: bloomctl run and the operator decide where checkpoints go."""
+
+    @field_validator("dir")
+    @classmethod
+    def _not_given(cls, value: str | None) -> str | None:
+        if value is not None:
+            raise ValueError(LAUNCHER_CHECKPOINT_DIR)
+        return value
+
+
 class CheckpointVolume(Section):
     claim_name: str | None = Field(default=None, max_length=253)
     """PersistentVolumeClaim holding checkpoints (ReadWriteMany across nodes); without one
     checkpoints live in an emptyDir and do not survive a pod's replacement."""
     mount_path: str = Field(default=DEFAULT_CHECKPOINT_MOUNT, pattern=r"^/[^:]*$", max_length=255)
-    """Where the volume is mounted; the trainer's checkpoint.dir is set to it."""
+    """Where the volume is mounted; the operator sets the trainer's checkpoint.dir to it."""
 
 
 class DataVolume(Section):
     claim_name: str | None = Field(default=None, max_length=253)
     """PersistentVolumeClaim holding the pretokenized corpora (data.sources paths point into it)."""
     mount_path: str = Field(default="/data", pattern=r"^/[^:]*$", max_length=255)
-    """Where it is mounted (read-only)."""
+    """Where it is mounted (read-only); in a pod, relative data paths are relative to it."""
 
 
 class RestartPolicy(Section):
@@ -225,6 +247,9 @@ class EnvVar(Section):
 class BloomRunSpec(TrainerConfig):
     """A training run: the trainer's config sections plus where and how to run it."""
 
+    checkpoint: RunCheckpointConfig = RunCheckpointConfig()
+    """Checkpoint cadence and retention (where checkpoints go is the launcher's choice)."""
+
     image: str = Field(default=DEFAULT_IMAGE, min_length=1, max_length=512)
     """Trainer container image."""
     nodes: NodeRange = NodeRange()
@@ -264,16 +289,12 @@ class BloomRunSpec(TrainerConfig):
         return env
 
     def trainer_config(self) -> TrainerConfig:
-        """The trainer's view of this spec (cluster fields dropped)."""
-        return TrainerConfig.model_validate(
-            {name: getattr(self, name) for name in TrainerConfig.model_fields}
-        )
-
-    def resolved_trainer_config(self) -> TrainerConfig:
-        """The config the pods read: checkpoints go to the run's volume."""
-        config = self.trainer_config()
-        checkpoint = config.checkpoint.model_copy(update={"dir": self.checkpoint_volume.mount_path})
-        return config.model_copy(update={"checkpoint": checkpoint})
+        """The trainer's sections of this spec, unresolved (bloomrun.trainer.resolve resolves
+        them). Already validated as part of the spec, so only copied."""
+        sections = {name: getattr(self, name) for name in TrainerConfig.model_fields}
+        sections["checkpoint"] = CheckpointConfig.model_construct(
+            _fields_set=self.checkpoint.model_fields_set, **dict(self.checkpoint))
+        return TrainerConfig.model_construct(_fields_set=self.model_fields_set & set(sections), **sections)
 
 
 # ----------------------------------------------------------------------------- status

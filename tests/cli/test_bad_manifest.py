@@ -78,8 +78,9 @@ def set_in(path: str, value):
         (set_in("model.hiddenSizes", 64), ["spec.model.hiddenSizes", "unknown field"]),
         (set_in("model.hiddenSize", 66), ["spec.model", "hiddenSize (66)", "numHeads (4)"]),
         (set_in("training.zeroStage", 4), ["spec.training.zeroStage", "less than or equal to 3"]),
+        (set_in("checkpoint.dir", "/elsewhere"), ["spec.checkpoint.dir", "set by the launcher"]),
     ],
-    ids=["wrong-type", "unknown-field", "hidden-not-divisible-by-heads", "out-of-range"],
+    ids=["wrong-type", "unknown-field", "hidden-not-divisible-by-heads", "out-of-range", "checkpoint-dir"],
 )
 def test_an_invalid_manifest_names_the_field(corpus_dir, edit, expected):
     result = bloomctl_run(manifest(corpus_dir, edit), corpus_dir)

@@ -3,7 +3,7 @@ times in one run. Every time torchrun must restart the group, the new group must
 from the newest complete checkpoint, and the run must still end at its target step.
 
 Issue 2 saw torchrun's defaults recover from such a kill in only 6 of 11 tries on this kind
-of machine; the launcher's settings (bloomrun/cli/launch.py) are what make this pass."""
+of machine; the launcher's settings (bloomrun/trainer/elastic.py) are what make this pass."""
 
 import json
 import time

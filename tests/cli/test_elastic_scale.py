@@ -4,7 +4,7 @@ training alone from the newest checkpoint; the node coming back joins the runnin
 
 Issue 2 saw a node joining a running group deadlock with torchrun's defaults (restarted
 workers read dead peers' addresses from the shared store, pytorch#135712) and a scale-down
-take 46 s; the launcher's settings fix both (bloomrun/cli/launch.py)."""
+take 46 s; the launcher's settings fix both (bloomrun/trainer/elastic.py)."""
 
 import json
 import os
@@ -16,8 +16,9 @@ import uuid
 import pytest
 
 from bloomrun.cli import launch
-from bloomrun.cli.run import free_ports
 from bloomrun.operator.spec import load_manifest
+from bloomrun.trainer import elastic
+from bloomrun.trainer.resolve import resolve_config
 from tests.cli.elastic_harness import (
     Started,
     complete_checkpoint_steps,
@@ -33,9 +34,7 @@ STEPS = 100_000  # never reached: the test stops both nodes once it has seen a r
 
 def write_config(tmp_path):
     config = load_manifest(tiny_manifest(tmp_path, steps=STEPS, every=EVERY)).spec.trainer_config()
-    resolved = launch.resolve_trainer_config(
-        config, manifest_dir=tmp_path, checkpoint_dir=tmp_path / "checkpoints", metrics_port=0
-    )
+    resolved = resolve_config(config, base_dir=tmp_path, checkpoint_dir=tmp_path / "checkpoints", metrics_port=0)
     path = tmp_path / "config.yaml"
     path.write_text(json.dumps(resolved.model_dump(mode="json", by_alias=True)))  # JSON is YAML
     return path
@@ -47,22 +46,23 @@ class Cluster:
     def __init__(self, tmp_path):
         self.tmp = tmp_path
         self.config = write_config(tmp_path)
-        self.endpoint = f"127.0.0.1:{free_ports(1)[0]}"
+        self.endpoint = f"127.0.0.1:{elastic.free_ports(1)[0]}"
         self.run_id = f"scale-{uuid.uuid4().hex[:8]}"
         self.started: list[Started] = []
 
     def agent(self, name: str, is_host: bool) -> Started:
-        cache = launch.cache_dir(os.environ)
-        command = launch.build_torchrun_command(
-            self.config,
+        cache = elastic.cache_dir(os.environ)
+        command = elastic.build_torchrun_command(elastic.Launch(
+            str(self.config),
+            elastic.Rendezvous(self.endpoint, self.run_id, nnodes="1:2", is_host=is_host),
             nproc=1,
-            rendezvous=launch.Rendezvous(self.endpoint, self.run_id, nnodes="1:2", is_host=is_host),
             max_restarts=3,
-            log_dir=cache / "torchrun",
-            python=sys.executable,
-        )
+            launcher=(sys.executable, "-m", "torch.distributed.run"),
+            log_dir=str(cache / "torchrun"),
+        ))
         # Two agents share the 2 cores: one thread per worker.
-        env = launch.build_worker_env(os.environ, cache=cache, nproc=1, num_cpus=1, run_name="scale")
+        env = launch.build_worker_env(os.environ, cache=cache, nproc=1, num_cpus=1, run_name="scale",
+                                      metrics_port_file=self.tmp / f"{name}.metrics-port")
         started = Started(command, self.tmp / f"{name}.log", env)
         self.started.append(started)
         return started

@@ -8,10 +8,10 @@ import pytest
 import torch
 from transformers import AutoTokenizer, BloomForCausalLM
 
-from bloomrun.cli.launch import resolve_trainer_config
 from bloomrun.cli.main import main
 from bloomrun.operator.spec import load_manifest
 from bloomrun.trainer import checkpoint as ckpt
+from bloomrun.trainer.resolve import resolve_config
 from bloomrun.trainer.model import Bloom, build_model
 from tests.cli.elastic_harness import REPO, tiny_manifest
 
@@ -29,7 +29,7 @@ def run_dir(tmp_path):
     and a newest one (30) whose weights file was damaged."""
     config = load_manifest(tiny_manifest(tmp_path, steps=30, every=10)).spec.trainer_config()
     run = tmp_path / "runs" / "tiny"
-    config = resolve_trainer_config(config, manifest_dir=tmp_path, checkpoint_dir=run / "checkpoints", metrics_port=0)
+    config = resolve_config(config, base_dir=tmp_path, checkpoint_dir=run / "checkpoints", metrics_port=0)
     run.mkdir(parents=True)
     (run / "config.yaml").write_text(json.dumps(config.model_dump(mode="json", by_alias=True)))
     torch.manual_seed(0)

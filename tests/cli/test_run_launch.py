@@ -1,5 +1,6 @@
-"""The pure parts of `bloomctl run`: torchrun's command line, the workers' environment,
-the resolved config, and the progress parsing. No process is started here."""
+"""The pure parts of `bloomctl run`: torchrun's command line (bloomrun.trainer.elastic, shared
+with the operator), the workers' environment, the resolved config (bloomrun.trainer.resolve),
+and the progress parsing. No process is started here."""
 
 import io
 import math
@@ -10,7 +11,9 @@ from prometheus_client import CollectorRegistry, Gauge, generate_latest
 
 from bloomrun.cli import launch
 from bloomrun.cli.progress import ProgressDisplay, Snapshot, StepRate, describe, parse_metrics
+from bloomrun.trainer import elastic
 from bloomrun.trainer.config import TrainerConfig
+from bloomrun.trainer.resolve import resolve_config
 
 
 def tiny_config(**training) -> TrainerConfig:
@@ -39,15 +42,16 @@ def option(command: list[str], name: str) -> str:
     raise AssertionError(f"{name} not in {command}")
 
 
+def local_launch(tmp_path, **overrides) -> elastic.Launch:
+    values = dict(config_path=str(tmp_path / "config.yaml"),
+                  rendezvous=elastic.Rendezvous("127.0.0.1:29411", "tiny-abc", nnodes="1:2"), nproc=2,
+                  max_restarts=5, launcher=("/venv/bin/python", "-m", "torch.distributed.run"),
+                  log_dir=str(tmp_path / "logs"))
+    return elastic.Launch(**(values | overrides))
+
+
 def test_torchrun_command_sets_the_elastic_settings_and_the_trainer_module(tmp_path):
-    command = launch.build_torchrun_command(
-        tmp_path / "config.yaml",
-        nproc=2,
-        rendezvous=launch.Rendezvous("127.0.0.1:29411", "tiny-abc", nnodes="1:2"),
-        max_restarts=5,
-        log_dir=tmp_path / "logs",
-        python="/venv/bin/python",
-    )
+    command = elastic.build_torchrun_command(local_launch(tmp_path))
     assert command[:3] == ["/venv/bin/python", "-m", "torch.distributed.run"]
     assert option(command, "--nnodes") == "1:2"
     assert option(command, "--nproc-per-node") == "2"
@@ -62,46 +66,59 @@ def test_torchrun_command_sets_the_elastic_settings_and_the_trainer_module(tmp_p
     assert command[-4:] == ["-m", "bloomrun.trainer.train", "--config", str(tmp_path / "config.yaml")]
 
 
+def test_torchrun_waits_for_the_sigterm_checkpoint_as_long_as_a_pods_grace_period_allows(tmp_path):
+    timeout = int(option(elastic.build_torchrun_command(local_launch(tmp_path)), "--shutdown-timeout"))
+    assert timeout == elastic.shutdown_timeout() == elastic.GRACE_PERIOD_S - elastic.TORCHRUN_EXIT_S
+    assert elastic.SIGTERM_CHECKPOINT_S <= timeout < elastic.GRACE_PERIOD_S
+    with pytest.raises(ValueError, match="grace period of 60 s leaves 45 s"):
+        elastic.shutdown_timeout(grace_period_s=60, checkpoint_s=120)
+
+
 def test_torchrun_command_can_pin_which_agent_hosts_the_store(tmp_path):
     for is_host, expected in ((True, "true"), (False, "false")):
-        command = launch.build_torchrun_command(
-            tmp_path / "c.yaml",
-            nproc=1,
-            rendezvous=launch.Rendezvous("127.0.0.1:1", "r", is_host=is_host),
-            max_restarts=0,
-            log_dir=tmp_path,
-            python="python",
-        )
+        rendezvous = elastic.Rendezvous("127.0.0.1:1", "r", is_host=is_host)
+        command = elastic.build_torchrun_command(local_launch(tmp_path, rendezvous=rendezvous))
         assert f"is_host={expected}" in option(command, "--rdzv-conf")
 
 
+def worker_env(base, tmp_path, **kwargs):
+    values = dict(cache=tmp_path, nproc=2, num_cpus=2, run_name="r", metrics_port_file=tmp_path / "metrics-port")
+    return launch.build_worker_env(base, **(values | kwargs))
+
+
 def test_worker_env_disables_the_shared_store_and_keeps_caches_in_the_repo(tmp_path):
-    env = launch.build_worker_env({"PATH": "/bin"}, cache=tmp_path, nproc=2, num_cpus=2, run_name="tiny")
+    env = worker_env({"PATH": "/bin"}, tmp_path, run_name="tiny")
     assert env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
     assert env["TORCH_EXTENSIONS_DIR"] == str(tmp_path / "torch_extensions")
     assert env["OMP_NUM_THREADS"] == "1"
     assert env["PATH"] == "/bin"
     assert env["BLOOMRUN_RUN"] == "tiny"
+    assert env["BLOOMRUN_METRICS_PORT_FILE"] == str(tmp_path / "metrics-port")
+    assert "BLOOMRUN_RUN_NAME" not in env  # no BloomRun status to report progress to
 
 
 def test_worker_env_respects_an_explicit_thread_count_and_never_goes_below_one(tmp_path):
-    assert launch.build_worker_env({"OMP_NUM_THREADS": "3"}, cache=tmp_path, nproc=2, num_cpus=2, run_name="r")[
-        "OMP_NUM_THREADS"
-    ] == "3"
-    assert launch.build_worker_env({}, cache=tmp_path, nproc=4, num_cpus=2, run_name="r")["OMP_NUM_THREADS"] == "1"
-    assert launch.build_worker_env({}, cache=tmp_path, nproc=2, num_cpus=8, run_name="r")["OMP_NUM_THREADS"] == "4"
+    assert worker_env({"OMP_NUM_THREADS": "3"}, tmp_path)["OMP_NUM_THREADS"] == "3"
+    assert worker_env({}, tmp_path, nproc=4, num_cpus=2)["OMP_NUM_THREADS"] == "1"
+    assert worker_env({}, tmp_path, nproc=2, num_cpus=8)["OMP_NUM_THREADS"] == "4"
 
 
 def test_cache_dir_defaults_to_the_repo_and_follows_bloomrun_cache(tmp_path):
-    assert launch.cache_dir({}) == launch.REPO_ROOT / ".cache"
-    assert (launch.REPO_ROOT / "bloomrun" / "cli" / "launch.py").is_file()
-    assert launch.cache_dir({"BLOOMRUN_CACHE": str(tmp_path)}) == tmp_path
+    assert elastic.cache_dir({}) == elastic.REPO_ROOT / ".cache"
+    assert (elastic.REPO_ROOT / "bloomrun" / "trainer" / "elastic.py").is_file()
+    assert elastic.cache_dir({"BLOOMRUN_CACHE": str(tmp_path)}) == tmp_path
+
+
+def test_free_ports_are_distinct():
+    ports = elastic.free_ports(3)
+    assert len(set(ports)) == 3 and all(0 < port < 65536 for port in ports)
 
 
 def test_resolved_config_has_manifest_relative_paths_and_local_run_settings(tmp_path):
-    resolved = launch.resolve_trainer_config(
-        tiny_config(),
-        manifest_dir=tmp_path / "examples",
+    config = tiny_config()
+    resolved = resolve_config(
+        config,
+        base_dir=tmp_path / "examples",
         checkpoint_dir=tmp_path / "runs" / "tiny" / "checkpoints",
         metrics_port=40123,
     )
@@ -112,17 +129,14 @@ def test_resolved_config_has_manifest_relative_paths_and_local_run_settings(tmp_
     assert resolved.metrics.port == 40123
     assert [s.weight for s in resolved.data.sources] == [2, 1]
     assert resolved.training.train_steps == 10
+    assert config.data.sources[0].path == "data/stories_text_document"  # the input is left as it was
+    assert TrainerConfig.model_validate(resolved.model_dump(by_alias=True)) == resolved
 
 
 def test_steps_override_replaces_a_token_budget(tmp_path):
-    resolved = launch.resolve_trainer_config(
-        tiny_config(trainTokens=10_000),
-        manifest_dir=tmp_path,
-        checkpoint_dir=tmp_path,
-        metrics_port=0,
-        train_steps=7,
-    )
+    resolved = resolve_config(tiny_config(trainTokens=10_000), base_dir=tmp_path, train_steps=7)
     assert (resolved.training.train_steps, resolved.training.train_tokens) == (7, None)
+    assert resolved.checkpoint.dir is None and resolved.metrics.port == 9400  # not asked: unchanged
 
 
 def test_run_dir_defaults_to_runs_name_under_the_current_directory(tmp_path):
@@ -212,17 +226,18 @@ def test_prepare_writes_the_resolved_config_and_builds_the_launch(tmp_path):
 
     from bloomrun.cli.run import prepare
 
-    manifest = launch.REPO_ROOT / "examples" / "tiny.yaml"
+    manifest = elastic.REPO_ROOT / "examples" / "tiny.yaml"
     plan = prepare(prepare_args(manifest, steps=7), env={"BLOOMRUN_CACHE": str(tmp_path / "cache")}, cwd=tmp_path)
     assert plan.run_dir == tmp_path / "runs" / "tiny"
     written = TrainerConfig.model_validate(yaml.safe_load(plan.config_path.read_text()))
     assert written.checkpoint.dir == str(tmp_path / "runs" / "tiny" / "checkpoints")
-    assert written.data.sources[0].path == str(launch.REPO_ROOT / "examples" / "data" / "stories_text_document")
+    assert written.data.sources[0].path == str(elastic.REPO_ROOT / "examples" / "data" / "stories_text_document")
     assert written.training.train_steps == 7
     assert plan.metrics_url == f"http://127.0.0.1:{written.metrics.port}/metrics"
     assert option(plan.command, "--log-dir") == str(tmp_path / "cache" / "torchrun")
     assert plan.command[-1] == str(plan.config_path)
     assert plan.env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
+    assert plan.env["BLOOMRUN_METRICS_PORT_FILE"] == str(tmp_path / "runs" / "tiny" / "metrics-port")
 
 
 def test_fresh_deletes_old_checkpoints_but_only_once_the_input_is_valid(tmp_path):
@@ -234,11 +249,11 @@ def test_fresh_deletes_old_checkpoints_but_only_once_the_input_is_valid(tmp_path
     old = tmp_path / "runs" / "tiny" / "checkpoints" / "step-00000050"
     old.mkdir(parents=True)
     broken = tmp_path / "broken.yaml"
-    document = yaml.safe_load((launch.REPO_ROOT / "examples" / "tiny.yaml").read_text())
+    document = yaml.safe_load((elastic.REPO_ROOT / "examples" / "tiny.yaml").read_text())
     document["spec"]["data"]["sources"][0]["path"] = "nowhere/corpus"
     broken.write_text(yaml.safe_dump(document))
     with pytest.raises(UserError, match=r"spec\.data\.(tokenizer|sources)"):
         prepare(prepare_args(broken, fresh=True), env={}, cwd=tmp_path)
     assert old.exists()
-    prepare(prepare_args(launch.REPO_ROOT / "examples" / "tiny.yaml", fresh=True), env={}, cwd=tmp_path)
+    prepare(prepare_args(elastic.REPO_ROOT / "examples" / "tiny.yaml", fresh=True), env={}, cwd=tmp_path)
     assert not old.exists()

@@ -21,6 +21,7 @@ def test_a_bad_manifest_exits_2_with_one_line_naming_the_field(tmp_path):
     document = yaml.safe_load((REPO / "examples/tiny.yaml").read_text())
     document["spec"]["nodes"] = {"min": 3, "max": 2}
     document["spec"]["env"] = [{"name": "WORLD_SIZE", "value": "9"}]
+    document["spec"]["checkpoint"]["dir"] = "/mine"  # the launcher's to decide
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(document))
     result = subprocess.run([str(Path(sys.executable).parent / "bloomctl"), "validate", str(path)],
@@ -30,6 +31,7 @@ def test_a_bad_manifest_exits_2_with_one_line_naming_the_field(tmp_path):
     assert len(lines) == 1 and "Traceback" not in result.stderr
     assert "spec.nodes: min (3) must not exceed max (2)" in lines[0]
     assert "spec.env.0.name: WORLD_SIZE is reserved" in lines[0]
+    assert "spec.checkpoint.dir: set by the launcher, not the manifest" in lines[0]
 
 
 def test_render_prints_the_children(capsys):

@@ -3,6 +3,7 @@
 import yaml
 
 from bloomrun.operator import desired
+from bloomrun.trainer import elastic
 from bloomrun.trainer.config import TrainerConfig
 
 from .conftest import make_run
@@ -20,6 +21,23 @@ def test_worker_pod_runs_elastic_torchrun_with_a_unique_rendezvous(run):
     env = {e["name"]: e["value"] for e in pod["spec"]["containers"][0]["env"]}
     assert env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
     assert env["BLOOMRUN_RUN_NAME"] == "ablation" and env["BLOOMRUN_RUN_NAMESPACE"] == "team-a"
+    assert not any(e["name"] == "BLOOMRUN_METRICS_PORT_FILE" for e in pod["spec"]["containers"][0]["env"])
+
+
+def test_torchrun_waits_for_the_sigterm_checkpoint_within_the_pods_grace_period(run):
+    spec = desired.desired_worker(run, 0)["spec"]
+    timeout = next(a for a in spec["containers"][0]["command"] if a.startswith("--shutdown-timeout="))
+    assert int(timeout.split("=")[1]) == elastic.shutdown_timeout(spec["terminationGracePeriodSeconds"])
+
+
+def test_pods_and_bloomctl_run_launch_torchrun_the_same_way(run, tmp_path):
+    """One builder: the pod's command is the local one but for the program, the nodes and
+    the rendezvous (the local one's own arguments: --log-dir)."""
+    pod = desired.torchrun_launch(run)
+    local = elastic.Launch(pod.config_path, pod.rendezvous, pod.nproc, pod.max_restarts,
+                           launcher=("python", "-m", "torch.distributed.run"), log_dir=str(tmp_path))
+    assert desired.torchrun_command(run)[1:] == [
+        a for a in elastic.build_torchrun_command(local)[3:] if not a.startswith("--log-dir=")]
 
 
 def test_worker_pod_has_stable_identity_and_owner(run):
@@ -63,6 +81,15 @@ def test_config_map_holds_the_resolved_trainer_config(run):
     config = TrainerConfig.model_validate(yaml.safe_load(config_map["data"]["config.yaml"]))
     assert config.checkpoint.dir == "/checkpoints"
     assert config.training.train_steps == 20
+
+
+def test_relative_data_paths_in_a_pod_are_inside_the_data_volume():
+    run = make_run(data={"sources": [{"path": "corpora/a"}, {"path": "/abs/b"}], "tokenizer": "tok.json"},
+                   dataVolume={"claimName": "corpora", "mountPath": "/mnt/data"},
+                   checkpointVolume={"mountPath": "/mnt/ckpt"})
+    config = desired.pod_trainer_config(run)
+    assert [s.path for s in config.data.sources] == ["/mnt/data/corpora/a", "/abs/b"]
+    assert config.data.tokenizer == "/mnt/data/tok.json" and config.checkpoint.dir == "/mnt/ckpt"
 
 
 def test_trainer_may_only_patch_its_own_status(run):

@@ -3,7 +3,7 @@
 import pytest
 
 from bloomrun.operator.spec import BloomRunSpec, ManifestError, load_manifest, parse_manifest
-from bloomrun.trainer.config import TrainerConfig
+from bloomrun.trainer.config import CheckpointConfig, TrainerConfig
 
 from .conftest import manifest
 
@@ -20,11 +20,13 @@ def test_spec_is_the_trainer_config_plus_cluster_fields():
     assert set(TrainerConfig.model_fields) < set(BloomRunSpec.model_fields)
 
 
-def test_resolved_config_points_checkpoints_at_the_volume():
-    run = parse_manifest(manifest(checkpointVolume={"claimName": "ckpt", "mountPath": "/ckpt"}))
-    assert run.spec.resolved_trainer_config().checkpoint.dir == "/ckpt"
-    dumped = run.spec.resolved_trainer_config().model_dump(by_alias=True, mode="json")
-    assert "claimName" not in str(dumped) and dumped["checkpoint"]["dir"] == "/ckpt"
+def test_trainer_config_is_the_specs_sections_without_the_cluster_fields():
+    run = parse_manifest(manifest(checkpoint={"everySteps": 5}))
+    config = run.spec.trainer_config()
+    assert type(config) is TrainerConfig and type(config.checkpoint) is CheckpointConfig
+    assert config.checkpoint.every_steps == 5 and config.checkpoint.dir is None
+    dumped = config.model_dump(by_alias=True, mode="json")
+    assert "checkpointVolume" not in dumped and TrainerConfig.model_validate(dumped) == config
 
 
 @pytest.mark.parametrize("overrides, expected", [
@@ -40,6 +42,8 @@ def test_resolved_config_points_checkpoints_at_the_volume():
     ({"pool": {"tolerations": [{"operator": "Maybe"}]}}, "spec.pool.tolerations.0.operator: Input should be"),
     ({"budget": {"gpuHours": 0}}, "spec.budget.gpuHours: Input should be greater than 0"),
     ({"imagePullPolicy": "Always"}, "spec.imagePullPolicy: unknown field"),
+    # The launcher decides it (it used to be overwritten silently).
+    ({"checkpoint": {"dir": "/mine"}}, "spec.checkpoint.dir: set by the launcher, not the manifest"),
 ])
 def test_bad_specs_are_refused_with_the_field_named(overrides, expected):
     with pytest.raises(ManifestError) as err:

@@ -11,6 +11,7 @@ import pytest
 
 from bloomrun.trainer.config import PRESETS, DataConfig, DataSource
 from bloomrun.trainer.data import MMapIndexedDataset, build_train_samples, validate_data
+from bloomrun.trainer.resolve import resolve_data
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "examples" / "data"
@@ -39,8 +40,9 @@ def test_demo_data_fits_the_tiny_preset_and_lasts_the_demo(tokenizer):
     assert tokenizer.get_vocab_size() <= tiny.vocab_size
     cfg = DataConfig(sources=[DataSource(path="stories_text_document"), DataSource(path="arithmetic_text_document")],
                      tokenizer="tokenizer.json")
-    validate_data(cfg, tiny.vocab_size, base_dir=DEMO, seq_length=tiny.seq_length)
-    samples = build_train_samples(cfg, tiny.seq_length, base_dir=DEMO)
+    cfg = resolve_data(cfg, DEMO)
+    validate_data(cfg, tiny.vocab_size, seq_length=tiny.seq_length)
+    samples = build_train_samples(cfg, tiny.seq_length)
     # 300 steps of 16 samples should mostly see fresh samples.
     assert sum(len(s) for s in samples.sources) >= 300 * 16 * 0.75
 

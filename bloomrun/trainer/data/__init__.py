@@ -12,7 +12,7 @@ from .indexed import (
     index_path,
 )
 from .samples import BlendedSamples, GPTSamples
-from .sources import build_train_samples, resolve, validate_data
+from .sources import build_train_samples, validate_data
 
 __all__ = [
     "DTYPE_CODES",
@@ -25,6 +25,5 @@ __all__ = [
     "build_train_samples",
     "data_path",
     "index_path",
-    "resolve",
     "validate_data",
 ]

@@ -1,0 +1,50 @@
+"""The one rule from a validated config to the one the workers read. Pure: config in,
+resolved config out (pydantic `model_copy`, nothing validated again, no file looked at).
+
+Every launcher calls it: `bloomctl run` (paths next to the manifest, checkpoints in the
+local run folder), the operator (paths inside the data volume, checkpoints on the
+checkpoint volume) and `bloomctl export` (a manifest's tokenizer). The launcher alone
+decides checkpoint.dir: a BloomRun refuses it (bloomrun.operator.spec).
+"""
+
+from __future__ import annotations
+
+from pathlib import PurePath
+
+from bloomrun.trainer.config import DataConfig, TrainerConfig
+
+
+def resolve_path(path: str, base_dir: str | PurePath) -> str:
+    """A relative path means relative to `base_dir`; an absolute one stays as it is."""
+    return str(path if PurePath(path).is_absolute() else PurePath(base_dir) / path)
+
+
+def resolve_data(data: DataConfig, base_dir: str | PurePath) -> DataConfig:
+    """Every source's path and the tokenizer's, made absolute against `base_dir`."""
+    sources = [s.model_copy(update={"path": resolve_path(s.path, base_dir)}) for s in data.sources]
+    tokenizer = resolve_path(data.tokenizer, base_dir) if data.tokenizer else data.tokenizer
+    return data.model_copy(update={"sources": sources, "tokenizer": tokenizer})
+
+
+def resolve_config(
+    config: TrainerConfig,
+    *,
+    base_dir: str | PurePath,
+    checkpoint_dir: str | PurePath | None = None,
+    metrics_port: int | None = None,
+    train_steps: int | None = None,
+) -> TrainerConfig:
+    """The config the workers read: data paths against `base_dir`, and what the launcher
+    decides: the checkpoint folder, optionally the metrics port and a run length in steps
+    (which replaces a token budget)."""
+    update: dict = {"data": resolve_data(config.data, base_dir)}
+    if checkpoint_dir is not None:
+        update["checkpoint"] = config.checkpoint.model_copy(update={"dir": str(checkpoint_dir)})
+    if metrics_port is not None:
+        assert 0 <= metrics_port <= 65535, metrics_port
+        update["metrics"] = config.metrics.model_copy(update={"port": metrics_port})
+    if train_steps is not None:
+        if train_steps < 1:
+            raise ValueError(f"train steps must be at least 1, got {train_steps}")
+        update["training"] = config.training.model_copy(update={"train_steps": train_steps, "train_tokens": None})
+    return config.model_copy(update=update)
