@@ -224,7 +224,8 @@ class TrainingConfig(Section):
 
 class CheckpointConfig(Section):
     dir: str | None = None
-    """Where checkpoints live; the operator points it at the run's volume, bloomctl at runs/NAME."""
+    """Where checkpoints live: the launcher's choice (bloomrun.trainer.resolve), the run's volume
+    in a pod, runs/NAME/checkpoints for bloomctl run; a BloomRun manifest may not set it."""
     every_steps: int | None = Field(default=1000, ge=1)
     """Save every N optimiser steps (null: only by time)."""
     every_minutes: float | None = Field(default=None, gt=0)
@@ -249,9 +250,6 @@ class TrainerConfig(Section):
     training: TrainingConfig
     checkpoint: CheckpointConfig = CheckpointConfig()
     metrics: MetricsConfig = MetricsConfig()
-
-
-TRAINER_SECTIONS = tuple(TrainerConfig.model_fields)
 
 
 def format_validation_error(err: ValidationError, prefix: str = "") -> str:
