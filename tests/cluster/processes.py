@@ -9,11 +9,12 @@ import atexit
 import ctypes
 import os
 import signal
-import socket
 import subprocess
 import time
 import urllib.request
 from pathlib import Path
+
+from bloomrun.trainer.elastic import free_ports  # the launchers' own, for the tests too
 
 _PR_SET_PDEATHSIG = 1
 _running: set["Child"] = set()
@@ -21,19 +22,7 @@ _running: set["Child"] = set()
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on now (the kernel picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def free_ports(count: int) -> list[int]:
-    """`count` distinct free ports (the kernel may hand out a just-closed one again)."""
-    ports: list[int] = []
-    while len(ports) < count:
-        port = free_port()
-        if port not in ports:
-            ports.append(port)
-    return ports
+    return free_ports(1)[0]
 
 
 def _die_with_parent() -> None:
