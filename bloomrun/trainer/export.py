@@ -148,6 +148,12 @@ def check_fits(
         raise ValueError(f"{what}: " + "; ".join(parts))
 
 
+def current_umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it; put it back at once
+    os.umask(mask)
+    return mask
+
+
 def export_hf(
     model_or_state_dict: nn.Module | Mapping[str, torch.Tensor],
     model_cfg: ModelConfig,
@@ -178,5 +184,8 @@ def export_hf(
     out.mkdir(parents=True, exist_ok=True)
     # "format: pt" is what transformers checks before it trusts a safetensors file.
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    # safetensors creates its file 0600 (seen with 0.4+); the rest of the export is written
+    # with the process umask, and a model directory shared for evaluation must be readable.
+    os.chmod(out / "model.safetensors", 0o666 & ~current_umask())
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return out

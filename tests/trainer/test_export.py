@@ -51,6 +51,20 @@ def test_config_json_describes_the_model(tmp_path):
     assert set(weights) == set(hf_state_dict(build_model(cfg)))
 
 
+def test_every_exported_file_is_written_with_the_umask_like_config_json(tmp_path):
+    import os
+    import stat
+
+    cfg = model_cfg(1, 64, 4)
+    previous = os.umask(0o022)
+    try:
+        export_hf(build_model(cfg), cfg, tmp_path)
+    finally:
+        os.umask(previous)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
+    assert modes == {"model.safetensors": 0o644, "config.json": 0o644}
+
+
 def test_bf16_export_stays_bf16(tmp_path):
     cfg = model_cfg(1, 64, 4)
     export_hf(build_model(cfg).to(torch.bfloat16), cfg, tmp_path)
