@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from bloomrun.trainer import elastic
 from bloomrun.trainer.config import TrainerConfig
 
 # ZeRO bucket sizes in elements. DeepSpeed's default (5e8) is sized for multi-GPU NCCL;
@@ -236,7 +237,7 @@ def init_distributed(world: World) -> None:
         torch.cuda.set_device(world.local_rank)
     if world.world_size == 1 and "MASTER_ADDR" not in os.environ:
         # A plain `python` process (a benchmark, a debugger): a group of one on localhost.
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0",
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(elastic.free_ports(1)[0]), RANK="0",
                           LOCAL_RANK="0", WORLD_SIZE="1")
     if not dist.is_initialized():
         deepspeed.init_distributed(
@@ -244,14 +245,6 @@ def init_distributed(world: World) -> None:
             timeout=datetime.timedelta(minutes=10),
             verbose=False,
         )
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def create_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict, world: World):

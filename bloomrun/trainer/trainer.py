@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from bloomrun.trainer import checkpoint as ckpt
-from bloomrun.trainer import parallel
+from bloomrun.trainer import elastic, parallel
 from bloomrun.trainer.config import TrainerConfig
 from bloomrun.trainer.metrics import TrainerMetrics, flops_per_token, peak_flops, throughput
 from bloomrun.trainer.schedule import (
@@ -47,7 +47,6 @@ log = logging.getLogger("bloomrun.trainer")
 POISON_ENV = "BLOOMRUN_POISON_SAMPLES"
 TRACE_ENV = "BLOOMRUN_TRACE_FILE"
 HANG_ENV = "BLOOMRUN_TEST_HANG_AFTER_STEP"
-PORT_FILE_ENV = "BLOOMRUN_METRICS_PORT_FILE"
 # Exit status of ranks that stop because a peer got SIGTERM (EX_TEMPFAIL): non-zero, so
 # torchrun restarts them into a new rendezvous rather than ending the run as finished.
 EXIT_PEER_STOPPED = 75
@@ -64,12 +63,6 @@ class StepResult:
     samples: int
     stop_requested: bool
     save_due: bool
-
-
-def repo_cache_dir() -> Path:
-    """$BLOOMRUN_CACHE, else the checkout's .cache: JIT builds never go to the home folder."""
-    env = os.environ.get("BLOOMRUN_CACHE")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / ".cache"
 
 
 def parse_poison(value: str | None) -> tuple[int, int] | None:
@@ -102,11 +95,11 @@ class Trainer:
         # Data: checked before anything else so a bad file fails with its name, at once.
         # Rank 0 alone: the check reads every token, and torchrun stops the others if it fails.
         if world.rank == 0:
-            validate_data(cfg.data, self.shape.vocab_size, None, self.shape.seq_length)
-        self.samples = build_train_samples(cfg.data, self.shape.seq_length, None)
+            validate_data(cfg.data, self.shape.vocab_size, self.shape.seq_length)
+        self.samples = build_train_samples(cfg.data, self.shape.seq_length)
 
         # Distributed: DeepSpeed picks its accelerator and JIT cache at import.
-        parallel.prepare_environment(repo_cache_dir(), world)
+        parallel.prepare_environment(elastic.cache_dir(os.environ), world)
         parallel.init_distributed(world)
         self.device = torch.device("cuda", world.local_rank) if world.is_cuda else torch.device("cpu")
         self.precision = parallel.precision(cfg, world)
@@ -175,12 +168,13 @@ class Trainer:
     # ------------------------------------------------------------------ helpers
 
     def _port_file(self) -> str | None:
-        if os.environ.get(PORT_FILE_ENV):
-            return os.environ[PORT_FILE_ENV]
-        if self.checkpoint_dir is None:
-            return None
-        name = "metrics-port" if self.world.node_rank == 0 else f"metrics-port.node{self.world.node_rank}"
-        return str(self.checkpoint_dir.resolve().parent / name)
+        """Only where the launcher asks (bloomctl run): a path derived from checkpoint.dir
+        was /metrics-port in a pod, which the non-root container cannot write. Node N of a
+        launch that shares the machine and the variable gets its own file."""
+        path = os.environ.get(elastic.METRICS_PORT_FILE_ENV)
+        if not path or self.world.node_rank == 0:
+            return path or None
+        return f"{path}.node{self.world.node_rank}"
 
     def _progress_reporter(self):
         if self.world.rank != 0:

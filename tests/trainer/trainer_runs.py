@@ -50,6 +50,7 @@ class Run:
         self.ranks = ranks
         self.env = {**os.environ, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", "OMP_NUM_THREADS": "1",
                     "BLOOMRUN_TRACE_FILE": str(self.trace), "BLOOMRUN_RUN_NAME": "test",
+                    "BLOOMRUN_METRICS_PORT_FILE": str(folder / "metrics-port"),
                     "PYTHONPATH": str(REPO), **(env or {})}
         self.proc: subprocess.Popen | None = None
 
