@@ -34,9 +34,9 @@ METRICS_PORT_FILE_ENV = "BLOOMRUN_METRICS_PORT_FILE"
 # default: 30) and then SIGKILLs them; the trainer finishes its step, saves a checkpoint and
 # exits 0 in between. In a pod torchrun is the container's process, and the kubelet SIGKILLs
 # everything once the pod's grace period is over. So torchrun waits for its workers as long
-# as the grace period allows, less the time it needs to reap them and exit on its own (its
-# exit code is what the operator classifies), and the grace period must leave at least the
-# expected checkpoint time. `bloomctl run` uses the same number: nothing kills it sooner, and
+# as the grace period allows, less the time it needs to reap them and exit on its own
+# before the kubelet's SIGKILL, and the grace period must leave at least the expected
+# checkpoint time. `bloomctl run` uses the same number: nothing kills it sooner, and
 # a second Ctrl-C kills the workers at once anyway.
 
 GRACE_PERIOD_S = 300
