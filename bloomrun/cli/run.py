@@ -23,7 +23,6 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
 
 from bloomrun.cli import launch
 from bloomrun.cli.main import UserError
@@ -76,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
 def prepare(args: argparse.Namespace, env, cwd: Path) -> Launch:
     """Load and check the manifest and its data, write the resolved config: every user
     error surfaces here as a UserError, before any worker starts."""
-    from bloomrun.trainer.resolve import resolve_config
+    from bloomrun.trainer.resolve import config_yaml, resolve_config
 
     manifest = Path(args.manifest)
     bloomrun = load(manifest)
@@ -91,7 +90,7 @@ def prepare(args: argparse.Namespace, env, cwd: Path) -> Launch:
         shutil.rmtree(out / "checkpoints")
     out.mkdir(parents=True, exist_ok=True)
     config_path = out / "config.yaml"
-    config_path.write_text(yaml.safe_dump(config.model_dump(mode="json", by_alias=True), sort_keys=False))
+    config_path.write_text(config_yaml(config))
     cache = elastic.cache_dir(env)
     rendezvous = elastic.Rendezvous(f"127.0.0.1:{rdzv_port}", run_id=f"{name}-{uuid.uuid4().hex[:8]}")
     command = elastic.build_torchrun_command(elastic.Launch(

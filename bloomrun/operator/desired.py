@@ -11,12 +11,11 @@ import json
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import yaml
 
 from bloomrun.operator.spec import API_VERSION, KIND, PLURAL, GROUP, BloomRunSpec, ManifestError
 from bloomrun.trainer import elastic
 from bloomrun.trainer.config import TrainerConfig
-from bloomrun.trainer.resolve import resolve_config
+from bloomrun.trainer.resolve import config_yaml, resolve_config
 
 OPERATOR = "bloomrun-operator"
 RUN_LABEL = "bloomrun.io/run"
@@ -129,9 +128,8 @@ def pod_trainer_config(run: Run) -> TrainerConfig:
 
 
 def desired_config_map(run: Run) -> dict:
-    config = pod_trainer_config(run).model_dump(by_alias=True, mode="json")
     return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _metadata(run, config_map_name(run), "config"),
-            "data": {CONFIG_FILE: yaml.safe_dump(config, sort_keys=False)}}
+            "data": {CONFIG_FILE: config_yaml(pod_trainer_config(run))}}
 
 
 def desired_service(run: Run) -> dict:

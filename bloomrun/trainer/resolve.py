@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from pathlib import PurePath
 
+import yaml
+
 from bloomrun.trainer.config import DataConfig, TrainerConfig
 
 
@@ -48,3 +50,9 @@ def resolve_config(
             raise ValueError(f"train steps must be at least 1, got {train_steps}")
         update["training"] = config.training.model_copy(update={"train_steps": train_steps, "train_tokens": None})
     return config.model_copy(update=update)
+
+
+def config_yaml(config: TrainerConfig) -> str:
+    """The file the workers read (`--config`), in the manifest's camelCase keys: the
+    ConfigMap's config.yaml in a pod, runs/NAME/config.yaml for bloomctl run."""
+    return yaml.safe_dump(config.model_dump(mode="json", by_alias=True), sort_keys=False)
