@@ -17,6 +17,9 @@ any world size loads directly, with safetensors, which cannot execute code. The 
 rank 0 holds one full tensor at a time and writes 12 bytes per parameter alone; measured
 figures are in docs/trainer.md.
 
+Every rank takes part in saving and loading (gathering and partitioning are collectives);
+`save`, `choose` and `load` at the end are that part, the rest is pure or rank 0's I/O.
+
 Publishing: rank 0 writes into `.tmp-step-N-<pid>/`, fsyncs every file and the folder,
 renames it to `step-N` (atomic on POSIX) and fsyncs the parent. A crash leaves a `.tmp-*`
 folder, which is never read and is removed by the next save.
@@ -35,7 +38,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
+
+from bloomrun.trainer import parallel
+from bloomrun.trainer.data.indexed import fsync_path
 
 log = logging.getLogger("bloomrun.checkpoint")
 
@@ -147,14 +154,6 @@ def prune(root: Path, keep_last: int) -> list[Path]:
 # ----------------------------------------------------------------------------- I/O
 
 
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def publish(
     root: Path,
     state: TrainState,
@@ -172,18 +171,18 @@ def publish(
     files = {}
     for name, tensors in (("model.safetensors", model), ("optimizer.safetensors", optimizer), ("rng.safetensors", rng)):
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / name))
-        _fsync_path(tmp / name)
+        fsync_path(tmp / name)
         files[name] = {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size}
     meta = {"format": FORMAT_VERSION, **asdict(state), "published_at": time.time(), "files": files, **(extra or {})}
     with open(tmp / METADATA, "w") as f:
         json.dump(meta, f, indent=2)
         f.flush()
         os.fsync(f.fileno())
-    _fsync_path(tmp)
+    fsync_path(tmp)
     if final.exists():  # a re-save of the same step (rollback, then SIGTERM at that step)
         shutil.rmtree(final)
     os.rename(tmp, final)
-    _fsync_path(root)
+    fsync_path(root)
     return final
 
 
@@ -193,3 +192,51 @@ def read_tensors(path: Path, name: str) -> dict[str, torch.Tensor]:
         return load_file(str(path / name))
     except Exception as err:  # safetensors raises its own error types
         raise CheckpointError(f"{path / name}: unreadable ({err})") from None
+
+
+# ------------------------------------------------------ with the engine (every rank calls)
+
+
+def save(root: Path, state: TrainState, engine, optimizer, world: parallel.World, keep_last: int,
+         extra: dict | None = None) -> Path | None:
+    """Every rank gathers the full state (a collective); rank 0 publishes it and prunes old
+    checkpoints; all wait for it. Returns the published folder on rank 0, else None."""
+    weights, moments = parallel.gather_full_state(engine, optimizer)
+    path = None
+    if world.rank == 0:
+        rng = {"torch": torch.get_rng_state()}
+        if world.is_cuda:
+            rng["cuda"] = torch.cuda.get_rng_state(world.local_rank)
+        path = publish(root, state, weights, moments, rng, extra)
+        prune(root, keep_last)
+    del weights, moments
+    if world.world_size > 1:
+        dist.barrier()
+    return path
+
+
+def choose(root: Path, world: parallel.World, device: torch.device) -> tuple[Path, dict] | None:
+    """The checkpoint to load, the same on every rank: rank 0 verifies (checksums) and picks;
+    the others take its choice, so every rank loads the same step even if a file changes
+    underneath. None when there is no complete checkpoint."""
+    choice = newest_complete(root) if world.rank == 0 else None
+    step = torch.tensor([choice[1]["step"] if choice else -1], dtype=torch.int64, device=device)
+    if world.world_size > 1:
+        dist.broadcast(step, src=0)
+    if int(step) < 0:
+        return None
+    path = root / step_dir_name(int(step))
+    return path, (choice[1] if choice else json.loads((path / METADATA).read_text()))
+
+
+def load(path: Path, meta: dict, engine, optimizer, world: parallel.World) -> TrainState:
+    """Weights, moments and AdamW's step count into the engine, partitioned as this world
+    needs; rank 0's RNG state into every rank. Returns the checkpoint's TrainState."""
+    weights = read_tensors(path, "model.safetensors")
+    moments = read_tensors(path, "optimizer.safetensors")
+    parallel.load_full_state(engine, optimizer, weights, moments, int(meta["optimizer_steps"]))
+    rng = read_tensors(path, "rng.safetensors")
+    torch.set_rng_state(rng["torch"])
+    if world.is_cuda and "cuda" in rng:
+        torch.cuda.set_rng_state(rng["cuda"], world.local_rank)
+    return TrainState.from_dict(meta)

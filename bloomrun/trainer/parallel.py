@@ -139,51 +139,58 @@ class GuardedAdamW(torch.optim.AdamW):
     DeepSpeed calls `step()` on each rank with that rank's partition; a flag all-reduced
     with MAX makes every rank skip together, so the partitions never diverge. Whether
     DeepSpeed itself checks for overflow depends on stage and precision (stage 3 only for
-    fp16); checking here covers every configuration. `bad_loss` is set by the trainer
-    before `engine.step()`; `applied` says afterwards whether the weights moved.
+    fp16); checking here covers every configuration. DeepSpeed drops step()'s return value,
+    so the trainer says what to judge a step by with `guard_next_step` before `engine.step()`,
+    and asks with `take_applied()` afterwards whether the weights moved.
 
-    Under ZeRO stage 0 the trainer also sets `grad_norm`, the norm of the whole (already
-    averaged) gradient, which it measures anyway. Then the fused kernel does the rest on the
-    device: gradients are divided by max(1, norm / grad_clip) (clipping, as DeepSpeed's
-    would) and a non-finite norm or loss sets its `found_inf`, which skips the update. No
-    gradient is read again and the host never waits; `applied` is then a device tensor,
-    read once the step's results are synchronised anyway.
+    Under ZeRO stage 0 the trainer also hands over the norm of the whole (already averaged)
+    gradient, which it measures anyway. Then the fused kernel does the rest on the device:
+    gradients are divided by max(1, norm / grad_clip) (clipping, as DeepSpeed's would) and a
+    non-finite norm or loss sets its `found_inf`, which skips the update. No gradient is read
+    again and the host never waits; the outcome is then a device tensor, read once the step's
+    results are synchronised anyway.
     """
 
     def __init__(self, params, grad_clip: float = 0.0, **kwargs):
         super().__init__(params, **kwargs)
         self.grad_clip = grad_clip
-        self.bad_loss: torch.Tensor | None = None
-        self.grad_norm: torch.Tensor | None = None
-        self.applied: bool | torch.Tensor = False
+        self._bad_loss: torch.Tensor | None = None  # inputs of the next step, then cleared
+        self._grad_norm: torch.Tensor | None = None
+        self._applied: bool | torch.Tensor = False  # outcome of the last step
+
+    def guard_next_step(self, loss: torch.Tensor | None = None, grad_norm: torch.Tensor | None = None) -> None:
+        """Judge the next step() by this rank's accumulated `loss` (non-finite: every rank
+        skips) and, under stage 0, clip and judge it by the measured `grad_norm` (needs
+        fused=True: torch refuses grad_scale otherwise)."""
+        self._bad_loss = None if loss is None else ~torch.isfinite(loss)
+        self._grad_norm = grad_norm
+
+    def take_applied(self) -> bool | torch.Tensor:
+        """Whether the last step() moved the weights (a device tensor on the fused path);
+        False when no step ran since the last call."""
+        applied, self._applied = self._applied, False
+        return applied
 
     @torch.no_grad()
     def step(self, closure=None):
-        if self.grad_norm is not None:  # needs fused=True: torch refuses grad_scale otherwise
-            return self._step_on_device(closure)
+        bad_loss, norm = self._bad_loss, self._grad_norm
+        self._bad_loss = self._grad_norm = None  # one step's inputs
+        if norm is not None:
+            return self._step_on_device(closure, bad_loss, norm.float())
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
         bad = torch.zeros((), dtype=torch.float32, device=grads[0].device if grads else "cpu")
         if grads:
             norms = torch._foreach_norm(grads)
             bad = (~torch.isfinite(torch.stack(norms)).all()).float()
-        if self.bad_loss is not None:
-            bad = torch.maximum(bad, self.bad_loss.to(bad.device).float())
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        bad = self._agree(bad, bad_loss)
         if bad.item() > 0:
-            self.applied = False
+            self._applied = False
             return None
-        self.applied = True
+        self._applied = True
         return super().step(closure)
 
-    def _step_on_device(self, closure):
-        norm = self.grad_norm.float()
-        self.grad_norm = None  # one step's measurement
-        bad = (~torch.isfinite(norm)).float()
-        if self.bad_loss is not None:
-            bad = torch.maximum(bad, self.bad_loss.to(bad.device).float())
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    def _step_on_device(self, closure, bad_loss: torch.Tensor | None, norm: torch.Tensor):
+        bad = self._agree((~torch.isfinite(norm)).float(), bad_loss)
         scale = None
         if self.grad_clip > 0:
             # DeepSpeed's clip: coefficient max_norm / (norm + 1e-6) when below 1. A skipped
@@ -194,8 +201,17 @@ class GuardedAdamW(torch.optim.AdamW):
             result = super().step(closure)
         finally:
             del self.found_inf, self.grad_scale
-        self.applied = bad == 0
+        self._applied = bad == 0
         return result
+
+    @staticmethod
+    def _agree(bad: torch.Tensor, bad_loss: torch.Tensor | None) -> torch.Tensor:
+        """This rank's verdict or'ed with its loss's, then with every other rank's (MAX)."""
+        if bad_loss is not None:
+            bad = torch.maximum(bad, bad_loss.to(bad.device).float())
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        return bad
 
 
 @torch.no_grad()
@@ -245,6 +261,15 @@ def init_distributed(world: World) -> None:
             timeout=datetime.timedelta(minutes=10),
             verbose=False,
         )
+
+
+def rank_device(world: World) -> torch.device:
+    """This rank's device; on CUDA, fp32 matmuls may use the TF32 tensor cores."""
+    if not world.is_cuda:
+        return torch.device("cpu")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    return torch.device("cuda", world.local_rank)
 
 
 def create_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict, world: World):

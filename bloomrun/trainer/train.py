@@ -41,10 +41,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from bloomrun.trainer.data import DataError
+    from bloomrun.trainer.faults import FaultHooks
     from bloomrun.trainer.trainer import Trainer
 
     try:
-        trainer = Trainer.from_config(cfg)
+        # Faults only where a test's environment asks for them (faults.py); none otherwise.
+        trainer = Trainer(cfg, faults=FaultHooks.from_env())
     except (DataError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

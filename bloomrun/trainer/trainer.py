@@ -2,20 +2,13 @@
 
 Every decision that ranks must agree on (stop now, save now, was this step bad) travels in
 one small all-reduce per step, so ranks never diverge even when only one of them sees a
-SIGTERM, a clock tick or a poisoned batch.
-
-Test hooks (environment variables, read once at start; see docs/trainer.md):
-    BLOOMRUN_POISON_SAMPLES=A:B   a micro-batch holding a global sample index in [A, B) gets a
-                                  NaN loss, as corrupt data would; drives the rollback tests
-    BLOOMRUN_TRACE_FILE=PATH      each rank appends one JSON line per step to PATH.rank<R>:
-                                  step, sample indices, loss, lr, whether the update applied
-    BLOOMRUN_TEST_HANG_AFTER_STEP=K  every rank sleeps after step K (and its checkpoint), so a
-                                  test can kill the run at a known point
+SIGTERM, a clock tick or a poisoned batch. Faults for tests (poisoned samples, a per-step
+trace, a hang) come in as a FaultHooks object (faults.py), which does nothing unless a test
+asked for one.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -32,6 +25,7 @@ import torch.distributed as dist
 from bloomrun.trainer import checkpoint as ckpt
 from bloomrun.trainer import elastic, parallel
 from bloomrun.trainer.config import TrainerConfig
+from bloomrun.trainer.faults import FaultHooks
 from bloomrun.trainer.metrics import TrainerMetrics, flops_per_token, peak_flops, throughput
 from bloomrun.trainer.schedule import (
     decay_tokens,
@@ -44,35 +38,25 @@ from bloomrun.trainer.schedule import (
 
 log = logging.getLogger("bloomrun.trainer")
 
-POISON_ENV = "BLOOMRUN_POISON_SAMPLES"
-TRACE_ENV = "BLOOMRUN_TRACE_FILE"
-HANG_ENV = "BLOOMRUN_TEST_HANG_AFTER_STEP"
 # Exit status of ranks that stop because a peer got SIGTERM (EX_TEMPFAIL): non-zero, so
 # torchrun restarts them into a new rendezvous rather than ending the run as finished.
 EXIT_PEER_STOPPED = 75
 
 
-@dataclass
+@dataclass(frozen=True)
 class StepResult:
+    """One optimiser step, as every rank agreed on it (but `sample_indices`: this rank's)."""
+
     step: int
     loss: float
-    grad_norm: float
+    grad_norm: float  # NaN when the update was skipped
     lr: float
     applied: bool
     seconds: float
-    samples: int
+    samples: int  # the global batch
+    sample_indices: list[int]
     stop_requested: bool
     save_due: bool
-
-
-def parse_poison(value: str | None) -> tuple[int, int] | None:
-    if not value:
-        return None
-    start, _, end = value.partition(":")
-    try:
-        return int(start), int(end)
-    except ValueError:
-        raise ValueError(f"{POISON_ENV}={value!r}: expected START:END sample indices") from None
 
 
 def run_labels(env=os.environ) -> tuple[str, str]:
@@ -83,49 +67,52 @@ def run_labels(env=os.environ) -> tuple[str, str]:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainerConfig, world: parallel.World | None = None, serve_metrics: bool = True):
-        from bloomrun.trainer.data import build_train_samples, validate_data
-        from bloomrun.trainer.model import build_model
+    """`Trainer(cfg).fit()` on every rank; `train_step()` alone for benchmarks and tests."""
 
-        self.cfg = cfg
+    def __init__(self, cfg: TrainerConfig, world: parallel.World | None = None, *,
+                 faults: FaultHooks = FaultHooks(), serve_metrics: bool = True):
+        from bloomrun.trainer.data import build_train_samples, validate_data
+        from bloomrun.trainer.model import ModelArgs, build_model
+
+        self.cfg, self.faults = cfg, faults
         self.world = world = world or parallel.World.from_env()
-        self.shape = cfg.model.shape()
+        self.args = ModelArgs.from_config(cfg.model)
         self.checkpoint_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else None
 
         # Data: checked before anything else so a bad file fails with its name, at once.
         # Rank 0 alone: the check reads every token, and torchrun stops the others if it fails.
         if world.rank == 0:
-            validate_data(cfg.data, self.shape.vocab_size, self.shape.seq_length)
-        self.samples = build_train_samples(cfg.data, self.shape.seq_length)
+            validate_data(cfg.data, cfg.model.shape().vocab_size, self.args.seq_length)
+        self.samples = build_train_samples(cfg.data, self.args.seq_length)
 
         # Distributed: DeepSpeed picks its accelerator and JIT cache at import.
         parallel.prepare_environment(elastic.cache_dir(os.environ), world)
         parallel.init_distributed(world)
-        self.device = torch.device("cuda", world.local_rank) if world.is_cuda else torch.device("cpu")
+        self.device = parallel.rank_device(world)
         self.precision = parallel.precision(cfg, world)
-        if world.is_cuda:
-            torch.backends.cuda.matmul.allow_tf32 = True  # fp32 runs use TF32 tensor cores
-            torch.backends.cudnn.allow_tf32 = True
 
-        # Run length and schedule depend only on the config: every rank computes the same.
-        self.target_steps, run_tokens = run_length(cfg.training, self.shape.seq_length)
+        # Run length and the decay length depend only on the config: every rank computes the same.
+        self.target_steps, run_tokens = run_length(cfg.training, self.args.seq_length)
         self.decay_tokens = decay_tokens(cfg.optim, run_tokens)
-        first_batch = global_batch_size_at(0, cfg.training)
 
-        # Model: the same seed on every rank gives the same initial weights.
+        # Model: the same seed on every rank gives the same initial weights; kernels chosen
+        # for this device; compiled in place, so parameter names stay the checkpoint's.
         torch.manual_seed(cfg.training.seed)
-        model = build_model(cfg.model, self.device)  # kernels chosen for this device
+        model = build_model(cfg.model, self.device)
         self.num_parameters = model.num_parameters()
         if cfg.training.compile:
-            model.compile()  # in place: parameter names stay the checkpoint's names
+            model.compile()
 
         # Optimizer and engine; AdamW state exists from the start (see init_optimizer_state).
         self.optimizer = parallel.build_optimizer(model, cfg, world)
-        self.ds_config = parallel.build_deepspeed_config(cfg, world, first_batch)
-        self.engine = parallel.create_engine(model, self.optimizer, self.ds_config, world)
+        ds_config = parallel.build_deepspeed_config(cfg, world, global_batch_size_at(0, cfg.training))
+        self.engine = parallel.create_engine(model, self.optimizer, ds_config, world)
         parallel.init_optimizer_state(self.engine, self.optimizer)
+        # DeepSpeed records the gradient norm only when ZeRO (1-3) computes it; under stage 0
+        # the trainer measures it, and the optimizer clips and guards with it.
+        self._measure_grad_norm = parallel.optimizer_clips(cfg, world)
 
-        # Bookkeeping that checkpoints carry.
+        # Bookkeeping: what checkpoints carry, then the loop's own.
         self.state = ckpt.TrainState()
         self.last_checkpoint_step: int | None = None
         self.last_checkpoint_time: float | None = None
@@ -133,39 +120,36 @@ class Trainer:
         self._bad_streak = 0
         self._bad_streak_start = 0
         self._stop_requested = False
-        # DeepSpeed records the global gradient norm only when ZeRO (1-3) computes it; under
-        # stage 0 the trainer measures it, and the optimizer clips and guards with it
-        # (parallel.optimizer_clips).
-        self._measure_grad_norm = parallel.optimizer_clips(cfg, world)
-        self._poison = parse_poison(os.environ.get(POISON_ENV))
-        self._trace = os.environ.get(TRACE_ENV)
         self._last_progress: tuple[float | None, float | None] = (None, None)  # (loss, tokens/s)
 
-        # Throughput arithmetic, then metrics on each node's local rank 0.
-        self.flops_per_token = flops_per_token(self.num_parameters, self.shape)
+        # Throughput arithmetic; metrics on each node's local rank 0; progress from rank 0.
+        self.flops_per_token = flops_per_token(self.num_parameters, self.args)
         device_name = torch.cuda.get_device_name(self.device) if world.is_cuda else "cpu"
         self.peak_flops = peak_flops(device_name, self.precision)
-        self.metrics = None
-        if world.local_rank == 0:
-            self.metrics = TrainerMetrics(*run_labels(), node_rank=world.node_rank)
-            self.metrics.target_steps.set(self.target_steps)
-            minutes = cfg.checkpoint.every_minutes
-            self.metrics.checkpoint_interval.set(minutes * 60 if minutes else 0)
-            if serve_metrics:
-                self.metrics_port = self.metrics.serve(cfg.metrics.port, self._port_file())
+        self.metrics = self._start_metrics(serve_metrics) if world.local_rank == 0 else None
         self.reporter = self._progress_reporter()
         if world.rank == 0:
-            log.info(
-                "model %s: %.1fM parameters, %.3g FLOPs/token; %d ranks on %s, %s, ZeRO %d; %d steps",
-                cfg.model.preset or "custom", self.num_parameters / 1e6, self.flops_per_token, world.world_size,
-                device_name, self.precision, parallel.zero_stage(cfg, world), self.target_steps,
-            )
-
-    @classmethod
-    def from_config(cls, cfg: TrainerConfig, **kwargs) -> "Trainer":
-        return cls(cfg, **kwargs)
+            self._log_start(device_name)
 
     # ------------------------------------------------------------------ helpers
+
+    def _log_start(self, device_name: str) -> None:
+        log.info(
+            "model %s: %.1fM parameters, %.3g FLOPs/token; %d ranks on %s, %s, ZeRO %d; %d steps",
+            self.cfg.model.preset or "custom", self.num_parameters / 1e6, self.flops_per_token,
+            self.world.world_size, device_name, self.precision, parallel.zero_stage(self.cfg, self.world),
+            self.target_steps,
+        )
+
+    def _start_metrics(self, serve: bool) -> TrainerMetrics:
+        metrics = TrainerMetrics(*run_labels(), node_rank=self.world.node_rank)
+        metrics.target_steps.set(self.target_steps)
+        metrics.start_totals(tokens=0, skipped_steps=0, rollbacks=0)  # resume() restores the run's
+        minutes = self.cfg.checkpoint.every_minutes
+        metrics.checkpoint_interval.set(minutes * 60 if minutes else 0)
+        if serve:
+            self.metrics_port = metrics.serve(self.cfg.metrics.port, self._port_file())
+        return metrics
 
     def _port_file(self) -> str | None:
         """Only where the launcher asks (bloomctl run): a path derived from checkpoint.dir
@@ -183,22 +167,18 @@ class Trainer:
 
         return ProgressReporter.from_env()
 
-    def _all_reduce(self, values: list[float] | torch.Tensor) -> torch.Tensor:
-        tensor = values if torch.is_tensor(values) else torch.tensor(values, dtype=torch.float64)
-        tensor = tensor.to(self.device)
+    def _all_reduce(self, values: torch.Tensor) -> torch.Tensor:
+        tensor = values.to(self.device)
         if self.world.world_size > 1:
             dist.all_reduce(tensor)
         return tensor.cpu()
-
-    def _poisoned(self, indices: list[int]) -> bool:
-        return self._poison is not None and any(self._poison[0] <= i < self._poison[1] for i in indices)
 
     def request_stop(self, *_args) -> None:
         """SIGTERM handler: finish the current step, checkpoint, exit 0."""
         self._stop_requested = True
 
     def _tokens_of(self, samples: int) -> int:
-        return samples * self.shape.seq_length
+        return samples * self.args.seq_length
 
     # ------------------------------------------------------------------ one step
 
@@ -206,10 +186,7 @@ class Trainer:
         """One optimiser step over the global batch that starts at consumed_samples."""
         training = self.cfg.training
         consumed = self.state.consumed_samples
-        global_batch = global_batch_size_at(consumed, training)
-        accumulation = parallel.gradient_accumulation(global_batch, training.micro_batch_size, self.world.world_size)
-        if accumulation != self.engine.gradient_accumulation_steps():
-            self.engine.set_train_batch_size(global_batch)  # batch-size ramp-up
+        global_batch = self._set_batch_size(consumed)
         indices = rank_sample_indices(consumed, global_batch, self.world.rank, self.world.world_size,
                                       training.micro_batch_size)
         lr = learning_rate(self._tokens_of(consumed + global_batch), self.cfg.optim, self.decay_tokens)
@@ -217,36 +194,12 @@ class Trainer:
             group["lr"] = lr
 
         start = time.perf_counter()
-        self.engine.train()
-        loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
-        self.optimizer.applied = False
-        unclipped_norm = None
-        for micro in micro_batches(indices, training.micro_batch_size):
-            batch = torch.from_numpy(np.stack([self.samples[i] for i in micro])).to(self.device, non_blocking=True)
-            loss = self.engine(batch[:, :-1], labels=batch[:, 1:])
-            if self._poisoned(micro):
-                loss = loss * float("nan")
-            self.engine.backward(loss)
-            loss_sum += loss.detach().float()
-            # Read by GuardedAdamW at the boundary step: a non-finite loss skips the update.
-            self.optimizer.bad_loss = ~torch.isfinite(loss_sum)
-            if self._measure_grad_norm and self.engine.is_gradient_accumulation_boundary():
-                unclipped_norm = parallel.gradient_norm(self.engine.module)
-                self.optimizer.grad_norm = unclipped_norm  # it clips and guards with it
-            self.engine.step()
-
-        # One all-reduce for everything ranks must agree on.
-        minutes = self.cfg.checkpoint.every_minutes
-        time_due = minutes is not None and time.monotonic() - self._last_save_clock >= minutes * 60
-        agreed = self._all_reduce(torch.stack([
-            loss_sum.double().cpu(), torch.tensor(float(self._stop_requested), dtype=torch.float64),
-            torch.tensor(float(time_due), dtype=torch.float64),
-        ]))
+        loss_sum, measured_norm = self._forward_backward(indices)
+        loss_sum, stop_requested, time_due = self._agree(loss_sum)  # synchronises the device
         seconds = time.perf_counter() - start
-        applied = bool(self.optimizer.applied)  # maybe a device flag: the device is synchronised now
-        loss = float(agreed[0]) / (accumulation * self.world.world_size)
-        grad_norm = self.engine.get_global_grad_norm() if unclipped_norm is None else unclipped_norm
-        grad_norm = float(grad_norm) if grad_norm is not None else math.nan
+        applied = bool(self.optimizer.take_applied())  # maybe a device flag: read after the sync
+        grad_norm = self.engine.get_global_grad_norm() if measured_norm is None else measured_norm
+        grad_norm = float(grad_norm) if grad_norm is not None and applied else math.nan
 
         self.state.step += 1
         self.state.consumed_samples += global_batch
@@ -254,14 +207,51 @@ class Trainer:
         if applied:
             self.state.optimizer_steps += 1
         every = self.cfg.checkpoint.every_steps
-        result = StepResult(
-            step=self.state.step, loss=loss, grad_norm=grad_norm if applied else math.nan, lr=lr, applied=applied,
-            seconds=seconds, samples=global_batch, stop_requested=bool(agreed[1] > 0),
-            save_due=bool(agreed[2] > 0) or (every is not None and self.state.step % every == 0),
+        return StepResult(
+            step=self.state.step, loss=loss_sum / (global_batch // training.micro_batch_size), grad_norm=grad_norm,
+            lr=lr, applied=applied, seconds=seconds, samples=global_batch, sample_indices=indices,
+            stop_requested=stop_requested,
+            save_due=time_due or (every is not None and self.state.step % every == 0),
         )
-        if self._trace:
-            self._write_trace(result, indices)
-        return result
+
+    def _set_batch_size(self, consumed: int) -> int:
+        """The step's global batch; the engine is told when the ramp-up changes it."""
+        global_batch = global_batch_size_at(consumed, self.cfg.training)
+        accumulation = parallel.gradient_accumulation(global_batch, self.cfg.training.micro_batch_size,
+                                                      self.world.world_size)
+        if accumulation != self.engine.gradient_accumulation_steps():
+            self.engine.set_train_batch_size(global_batch)
+        return global_batch
+
+    def _forward_backward(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """This rank's micro-batches through the engine, which steps the optimizer after the
+        last. Returns the rank's summed loss (on the device) and, under stage 0, the gradient
+        norm the trainer measured (None: DeepSpeed measured it)."""
+        self.engine.train()
+        loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
+        grad_norm = None
+        for micro in micro_batches(indices, self.cfg.training.micro_batch_size):
+            batch = torch.from_numpy(np.stack([self.samples[i] for i in micro])).to(self.device, non_blocking=True)
+            loss = self.faults.poisoned_loss(self.engine(batch[:, :-1], labels=batch[:, 1:]), micro)
+            self.engine.backward(loss)
+            loss_sum += loss.detach().float()
+            if self.engine.is_gradient_accumulation_boundary():
+                # The optimizer's guard: a non-finite loss on any rank skips the update.
+                grad_norm = parallel.gradient_norm(self.engine.module) if self._measure_grad_norm else None
+                self.optimizer.guard_next_step(loss_sum, grad_norm)
+            self.engine.step()
+        return loss_sum, grad_norm
+
+    def _agree(self, loss_sum: torch.Tensor) -> tuple[float, bool, bool]:
+        """(the loss summed over every rank's micro-batches, a stop asked on some rank, a
+        checkpoint due by the clock on some rank), in one all-reduce."""
+        minutes = self.cfg.checkpoint.every_minutes
+        time_due = minutes is not None and time.monotonic() - self._last_save_clock >= minutes * 60
+        agreed = self._all_reduce(torch.stack([
+            loss_sum.double().cpu(), torch.tensor(float(self._stop_requested), dtype=torch.float64),
+            torch.tensor(float(time_due), dtype=torch.float64),
+        ]))
+        return float(agreed[0]), bool(agreed[1] > 0), bool(agreed[2] > 0)
 
     def train_steps(self, num_steps: int) -> list[float]:
         """Run `num_steps` steps without checkpoints or logs; return each step's seconds.
@@ -272,12 +262,6 @@ class Trainer:
         return [self.train_step().seconds for _ in range(num_steps)]
 
     # ------------------------------------------------------------- bookkeeping
-
-    def _write_trace(self, result: StepResult, indices: list[int]) -> None:
-        record = {"step": result.step, "rank": self.world.rank, "world_size": self.world.world_size,
-                  "indices": indices, "loss": result.loss, "lr": result.lr, "applied": result.applied}
-        with open(f"{self._trace}.rank{self.world.rank}", "a") as f:
-            f.write(json.dumps(record) + "\n")
 
     def _after_step(self, result: StepResult) -> None:
         """Counters, the bad-step streak and rollback, metrics, the log line, progress."""
@@ -332,25 +316,17 @@ class Trainer:
     # ----------------------------------------------------------- checkpoints
 
     def save(self) -> None:
-        """Every rank gathers (a collective); rank 0 writes and publishes; all wait for it."""
+        """Checkpoint the current state (every rank calls it; see checkpoint.save)."""
         if self.checkpoint_dir is None:
             return
         start = time.perf_counter()
-        weights, moments = parallel.gather_full_state(self.engine, self.optimizer)
         self.state.optimizer_steps = parallel.optimizer_steps(self.optimizer)
-        if self.world.rank == 0:
-            rng = {"torch": torch.get_rng_state()}
-            if self.world.is_cuda:
-                rng["cuda"] = torch.cuda.get_rng_state(self.device)
-            path = ckpt.publish(self.checkpoint_dir, self.state, weights, moments, rng,
-                                extra={"world_size": self.world.world_size,
-                                       "zero_stage": parallel.zero_stage(self.cfg, self.world)})
-            ckpt.prune(self.checkpoint_dir, self.cfg.checkpoint.keep_last)
-            log.info("checkpoint step %d saved to %s in %.2f s", self.state.step, path, time.perf_counter() - start)
-        del weights, moments
-        if self.world.world_size > 1:
-            dist.barrier()
+        extra = {"world_size": self.world.world_size, "zero_stage": parallel.zero_stage(self.cfg, self.world)}
+        path = ckpt.save(self.checkpoint_dir, self.state, self.engine, self.optimizer, self.world,
+                         self.cfg.checkpoint.keep_last, extra)
         seconds = time.perf_counter() - start
+        if path is not None:
+            log.info("checkpoint step %d saved to %s in %.2f s", self.state.step, path, seconds)
         self._last_save_clock = time.monotonic()
         self.last_checkpoint_step, self.last_checkpoint_time = self.state.step, time.time()
         if self.metrics is not None:
@@ -362,42 +338,19 @@ class Trainer:
                                  checkpoint_step=self.state.step, checkpoint_time=self.last_checkpoint_time,
                                  force=True)
 
-    def _choose_checkpoint(self) -> tuple[Path, dict] | None:
-        """Rank 0 verifies (checksums) and picks; the others take its choice, so every rank
-        loads the same step even if a file changes underneath."""
-        choice = ckpt.newest_complete(self.checkpoint_dir) if self.world.rank == 0 else None
-        step = torch.tensor([choice[1]["step"] if choice else -1], dtype=torch.int64, device=self.device)
-        if self.world.world_size > 1:
-            dist.broadcast(step, src=0)
-        if int(step) < 0:
-            return None
-        path = self.checkpoint_dir / ckpt.step_dir_name(int(step))
-        return path, (choice[1] if choice else json.loads((path / ckpt.METADATA).read_text()))
-
-    def _load(self, path: Path, meta: dict) -> None:
-        weights = ckpt.read_tensors(path, "model.safetensors")
-        moments = ckpt.read_tensors(path, "optimizer.safetensors")
-        parallel.load_full_state(self.engine, self.optimizer, weights, moments, int(meta["optimizer_steps"]))
-        rng = ckpt.read_tensors(path, "rng.safetensors")
-        torch.set_rng_state(rng["torch"])
-        if self.world.is_cuda and "cuda" in rng:
-            torch.cuda.set_rng_state(rng["cuda"], self.device)
-
     def resume(self) -> bool:
         """Load the newest complete checkpoint, if any; counts as a restart."""
-        if self.checkpoint_dir is None:
-            return False
-        choice = self._choose_checkpoint()
+        choice = ckpt.choose(self.checkpoint_dir, self.world, self.device) if self.checkpoint_dir else None
         if choice is None:
-            if self.world.rank == 0:
+            if self.world.rank == 0 and self.checkpoint_dir is not None:
                 log.info("no complete checkpoint in %s: starting at step 0", self.checkpoint_dir)
             return False
         path, meta = choice
-        self._load(path, meta)
-        self.state = ckpt.TrainState.from_dict(meta)
+        self.state = ckpt.load(path, meta, self.engine, self.optimizer, self.world)
         self.state.restarts += 1
         self.last_checkpoint_step, self.last_checkpoint_time = self.state.step, meta.get("published_at")
         if self.metrics is not None:
+            self.metrics.start_totals(self.state.tokens, self.state.skipped_steps, self.state.rollbacks)
             self.metrics.checkpoint_step.set(self.state.step)
             self.metrics.checkpoint_time.set(meta.get("published_at", 0))
             self.metrics.restarts.set(self.state.restarts)
@@ -415,11 +368,10 @@ class Trainer:
             skip_end += global_batch_size_at(skip_end, self.cfg.training)
         skipped_range = [self._bad_streak_start, skip_end]
         counters = (self.state.skipped_steps, self.state.rollbacks + 1, self.state.skipped_ranges + [skipped_range])
-        choice = self._choose_checkpoint() if self.checkpoint_dir is not None else None
+        choice = ckpt.choose(self.checkpoint_dir, self.world, self.device) if self.checkpoint_dir else None
         if choice is not None:
             path, meta = choice
-            self._load(path, meta)
-            self.state = ckpt.TrainState.from_dict(meta)
+            self.state = ckpt.load(path, meta, self.engine, self.optimizer, self.world)
             where = f"checkpoint step {meta['step']}"
         else:
             # Bad steps never reached the weights, so the current ones are as good as any.
@@ -443,14 +395,14 @@ class Trainer:
         self.resume()
         while self.state.step < self.target_steps:
             result = self.train_step()
+            self.faults.record(result, self.world.rank, self.world.world_size)
             self._after_step(result)
             done = self.state.step >= self.target_steps
             if result.stop_requested or done or (result.save_due and result.applied):
                 self.save()
             if result.stop_requested:
                 return self._stop_code()
-            if os.environ.get(HANG_ENV) == str(self.state.step):
-                time.sleep(3600)
+            self.faults.pause_after(self.state.step)
         if self.world.rank == 0:
             log.info("training complete: %d steps, %d tokens", self.state.step, self.state.tokens)
         if self.last_checkpoint_step != self.state.step:

@@ -5,7 +5,8 @@ import torch
 
 from bloomrun.trainer import parallel
 from bloomrun.trainer.config import TrainerConfig
-from bloomrun.trainer.trainer import parse_poison, run_labels
+from bloomrun.trainer.faults import FaultHooks, parse_poison
+from bloomrun.trainer.trainer import run_labels
 
 CPU2 = parallel.World(rank=0, local_rank=0, world_size=2, node_rank=0, device="cpu")
 GPU8 = parallel.World(rank=0, local_rank=0, world_size=8, node_rank=0, device="cuda")
@@ -64,24 +65,34 @@ def test_guard_skips_a_non_finite_gradient_and_leaves_state_untouched():
     weight, opt = guarded()
     weight.grad = torch.tensor([1.0, float("inf"), 1.0])
     opt.step()
-    assert not opt.applied and weight.eq(1.0).all() and not opt.state
+    assert not opt.take_applied() and weight.eq(1.0).all() and not opt.state
     weight.grad = torch.ones(3)
     opt.step()
-    assert opt.applied and weight.lt(1.0).all() and int(opt.state[weight]["step"]) == 1
+    assert opt.take_applied() and weight.lt(1.0).all() and int(opt.state[weight]["step"]) == 1
+    assert opt.take_applied() is False, "an outcome is read once"
 
 
 def test_guard_skips_when_the_loss_was_non_finite_even_with_finite_gradients():
     weight, opt = guarded()
     weight.grad = torch.ones(3)
-    opt.bad_loss = torch.tensor(True)
+    opt.guard_next_step(loss=torch.tensor(float("nan")))
     opt.step()
-    assert not opt.applied and weight.eq(1.0).all()
+    assert not opt.take_applied() and weight.eq(1.0).all()
 
 
-def test_test_hooks_and_labels():
+def test_fault_hooks_come_from_the_environment_and_do_nothing_by_default():
     assert parse_poison("16:25") == (16, 25) and parse_poison(None) is None
     with pytest.raises(ValueError, match="START:END"):
         parse_poison("16")
+    assert FaultHooks.from_env({}) == FaultHooks()
+    hooks = FaultHooks.from_env({"BLOOMRUN_POISON_SAMPLES": "16:25", "BLOOMRUN_TEST_HANG_AFTER_STEP": "3"})
+    assert (hooks.poison, hooks.hang_after_step, hooks.trace_file) == ((16, 25), 3, None)
+    loss = torch.tensor(2.0)
+    assert FaultHooks().poisoned_loss(loss, [20]) is loss
+    assert hooks.poisoned_loss(loss, [14, 15]) is loss and hooks.poisoned_loss(loss, [24, 25]).isnan()
+
+
+def test_labels():
     assert run_labels({}) == ("local", "local")
     assert run_labels({"BLOOMRUN_RUN_NAMESPACE": "team", "BLOOMRUN_RUN_NAME": "r1"}) == ("team", "r1")
     assert run_labels({"BLOOMRUN_NAMESPACE": "team", "BLOOMRUN_RUN": "r2"}) == ("team", "r2")
@@ -98,13 +109,13 @@ def test_with_the_gradient_norm_given_the_fused_step_clips_like_deepspeed():
     grad = torch.tensor([3.0, -4.0, 12.0])  # norm 13
     weight, opt = fused_guarded(grad_clip=1.0)
     weight.grad = grad.clone()
-    opt.grad_norm = grad.norm()
+    opt.guard_next_step(grad_norm=grad.norm())
     opt.step()
     reference = torch.nn.Parameter(torch.full((3,), 1.0))
     reference.grad = grad * (1.0 / (13.0 + 1e-6))
     expected_opt = torch.optim.AdamW([reference], lr=0.1)
     expected_opt.step()
-    assert bool(opt.applied) and opt.grad_norm is None
+    assert bool(opt.take_applied())
     torch.testing.assert_close(opt.state[weight]["exp_avg"], expected_opt.state[reference]["exp_avg"])
     torch.testing.assert_close(weight.data, reference.data)
     torch.testing.assert_close(weight.grad, reference.grad)  # clipped in place, as DeepSpeed's clip does
@@ -114,7 +125,7 @@ def test_with_the_gradient_norm_given_small_gradients_are_not_scaled_up():
     grad = torch.tensor([0.1, 0.2, -0.2])
     weight, opt = fused_guarded(grad_clip=1.0)
     weight.grad = grad.clone()
-    opt.grad_norm = grad.norm()
+    opt.guard_next_step(grad_norm=grad.norm())
     opt.step()
     torch.testing.assert_close(opt.state[weight]["exp_avg"], 0.1 * grad)  # (1 - beta1) * grad, unscaled
 
@@ -123,13 +134,13 @@ def test_with_the_gradient_norm_given_small_gradients_are_not_scaled_up():
 def test_with_the_gradient_norm_given_a_non_finite_norm_or_loss_skips_on_the_device(bad):
     weight, opt = fused_guarded()
     weight.grad = torch.ones(3)
-    opt.grad_norm = torch.tensor(float("nan") if bad == "norm" else 1.7)
-    opt.bad_loss = torch.tensor(bad == "loss")
+    opt.guard_next_step(loss=torch.tensor(float("nan") if bad == "loss" else 2.0),
+                        grad_norm=torch.tensor(float("nan") if bad == "norm" else 1.7))
     opt.step()
-    assert isinstance(opt.applied, torch.Tensor) and not bool(opt.applied)
+    applied = opt.take_applied()
+    assert isinstance(applied, torch.Tensor) and not bool(applied)
     assert weight.eq(1.0).all() and int(opt.state[weight]["step"]) == 0
     assert not hasattr(opt, "found_inf") and not hasattr(opt, "grad_scale"), "one step's flags must not linger"
-    opt.bad_loss = None
-    opt.grad_norm = torch.tensor(1.7)
+    opt.guard_next_step(loss=torch.tensor(2.0), grad_norm=torch.tensor(1.7))
     opt.step()
-    assert bool(opt.applied) and weight.lt(1.0).all() and int(opt.state[weight]["step"]) == 1
+    assert bool(opt.take_applied()) and weight.lt(1.0).all() and int(opt.state[weight]["step"]) == 1

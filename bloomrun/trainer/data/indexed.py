@@ -239,7 +239,7 @@ class IndexedDatasetWriter:
         index_path(self.prefix).unlink(missing_ok=True)
         os.replace(self._bin_tmp, data_path(self.prefix))
         os.replace(idx_tmp, index_path(self.prefix))
-        _fsync_dir(Path(self.prefix).parent)
+        fsync_path(Path(self.prefix).parent)  # the renames survive a crash
 
     def abort(self) -> None:
         """Drop what was written (the previous dataset at this prefix, if any, stays)."""
@@ -273,8 +273,10 @@ def encode_index(sizes: list[int] | np.ndarray, dtype: np.dtype, doc_idx=None) -
     ))
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory if str(directory) else ".", os.O_RDONLY)
+def fsync_path(path: Path) -> None:
+    """fsync a file, or a folder: that makes the renames and creations in it durable.
+    (Also checkpoint.py's, which publishes by rename too.)"""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
