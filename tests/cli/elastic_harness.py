@@ -1,6 +1,7 @@
 """Process plumbing for the tests that start real torchrun agents and trainers: start a
 process group with its output in a file, read the trainer's log lines as they appear,
-find and kill worker processes."""
+find and kill worker processes. `Started` is the suite's one launcher of trainer processes
+(tests/trainer/trainer_runs.Run builds its torchrun launches on it)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pathlib import Path
 import psutil
 import yaml
 
+from bloomrun.trainer.elastic import TRAINER_MODULE
 from tests.cluster.processes import wait_until  # noqa: F401  (re-exported for the elastic tests)
 
 REPO = Path(__file__).resolve().parents[2]
@@ -24,7 +26,6 @@ DEMO_DATA = REPO / "examples" / "data"
 STEP_LINE = re.compile(r"step (\d+)/(\d+) \| loss (\S+)")
 RESUMED_LINE = re.compile(r"resumed from \S+: step (\d+)")
 WORLD_LINE = re.compile(r"(\d+) ranks on ")
-TRAINER_MODULE = "bloomrun.trainer.train"
 
 
 def tiny_manifest(tmp: Path, *, steps: int, every: int, name: str = "tiny") -> Path:

@@ -71,7 +71,7 @@ def test_poisoned_steps_roll_back_metrics_scrape_and_sigterm_checkpoints(tmp_pat
     # Both ranks refused the poisoned steps; after the rollback, step 3 trains on samples
     # from 40 on: the bad range [16, 32) plus one batch skipped.
     for rank in (0, 1):
-        records = run.steps(rank)
+        records = run.trace(rank)
         assert [(r["step"], r["applied"]) for r in records[:5]] == [(1, True), (2, True), (3, False), (4, False), (3, True)]
     steps = run.global_steps()
     assert steps[3]["indices"] == list(range(40, 48))

@@ -69,7 +69,7 @@ def test_killed_run_resumes_with_identical_batches_and_losses(corpus, reference,
     checkpoints = tmp_path / "checkpoints"
     # The hook parks every rank after step 3, so the kill lands mid-run every time.
     killed = Run(tmp_path, config(corpus, checkpoints), env={"BLOOMRUN_TEST_HANG_AFTER_STEP": "3"}).start()
-    killed.wait_for(lambda: len(killed.steps()) >= 3, what="step 3")
+    killed.wait_for(lambda: len(killed.trace()) >= 3, what="step 3")
     killed.kill()
     newest = checkpoint_steps(checkpoints)[-1]
     assert newest == 2

@@ -10,16 +10,18 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
-import time
+import uuid
 from pathlib import Path
 
 import yaml
+
+from bloomrun.trainer import elastic
+from tests.cli.elastic_harness import Started, wait_until
 from tests.trainer.data_helpers import write_corpus  # noqa: F401  the runs' corpus, for the suites that launch runs
 
 REPO = Path(__file__).resolve().parents[2]
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+TORCHRUN = (sys.executable, "-m", "torch.distributed.run")
 GLOBAL_BATCH = 8
 SEQ = 32
 
@@ -38,36 +40,35 @@ def config(corpus: Path, checkpoints: Path, *, steps: int = 6, zero: int = 1, ev
 
 
 class Run:
-    """One torchrun launch of `python -m bloomrun.trainer.train` in its own folder."""
+    """One torchrun launch of the trainer in its own folder, built as pods and `bloomctl run`
+    build theirs (bloomrun.trainer.elastic), its process handled by the suite's one launcher
+    (tests.cli.elastic_harness.Started). Each rank traces its steps (faults.py)."""
 
     def __init__(self, folder: Path, cfg: dict, ranks: int = 2, env: dict | None = None):
         self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)
         self.config_path = folder / "config.yaml"
         self.config_path.write_text(yaml.safe_dump(cfg))
-        self.trace = folder / "trace"
+        self.trace_file = folder / "trace"
         self.log = folder / "log.txt"
         self.ranks = ranks
-        self.env = {**os.environ, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", "OMP_NUM_THREADS": "1",
-                    "BLOOMRUN_TRACE_FILE": str(self.trace), "BLOOMRUN_RUN_NAME": "test",
-                    "BLOOMRUN_METRICS_PORT_FILE": str(folder / "metrics-port"),
+        self.env = {**os.environ, **elastic.build_env(str(folder / "metrics-port")), "OMP_NUM_THREADS": "1",
+                    "BLOOMRUN_TRACE_FILE": str(self.trace_file), "BLOOMRUN_RUN_NAME": "test",
                     "PYTHONPATH": str(REPO), **(env or {})}
-        self.proc: subprocess.Popen | None = None
+        self.process: Started | None = None
 
     def start(self) -> "Run":
-        command = [*TORCHRUN, "--standalone", f"--nproc-per-node={self.ranks}", "--log-dir",
-                   str(self.folder / "torchrun-logs"), "-m", "bloomrun.trainer.train", "--config",
-                   str(self.config_path)]
-        self._log_file = open(self.log, "ab")
-        self.proc = subprocess.Popen(command, cwd=REPO, env=self.env, stdout=self._log_file,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+        rendezvous = elastic.Rendezvous(f"127.0.0.1:{elastic.free_ports(1)[0]}", f"test-{uuid.uuid4().hex[:8]}",
+                                        nnodes="1", is_host=True)
+        command = elastic.build_torchrun_command(elastic.Launch(
+            str(self.config_path), rendezvous, nproc=self.ranks, max_restarts=0, launcher=TORCHRUN,
+            log_dir=str(self.folder / "torchrun-logs"),
+        ))
+        self.process = Started(command, self.log, self.env, cwd=REPO)
         return self
 
     def wait(self, timeout: float = 240) -> int:
-        try:
-            return self.proc.wait(timeout)
-        finally:
-            self._log_file.close()
+        return self.process.wait(timeout)
 
     def run(self, timeout: float = 240) -> "Run":
         code = self.start().wait(timeout)
@@ -77,25 +78,18 @@ class Run:
     def kill(self) -> None:
         """SIGKILL torchrun and every worker (torchrun starts workers in their own sessions,
         so killing its process group alone would leave them running)."""
-        import psutil
-
-        parent = psutil.Process(self.proc.pid)
-        for process in [*parent.children(recursive=True), parent]:
-            try:
-                process.kill()
-            except psutil.NoSuchProcess:
-                pass
-        self.wait()
+        self.process.kill_all()
 
     def terminate(self) -> None:
         """SIGTERM to torchrun, which forwards it to the workers (what Kubernetes does)."""
-        self.proc.send_signal(signal.SIGTERM)
+        self.process.signal(signal.SIGTERM)
 
     def output(self) -> str:
-        return self.log.read_text(errors="replace")
+        return self.process.text()
 
-    def steps(self, rank: int = 0) -> list[dict]:
-        path = Path(f"{self.trace}.rank{rank}")
+    def trace(self, rank: int = 0) -> list[dict]:
+        """The steps rank `rank` has traced so far."""
+        path = Path(f"{self.trace_file}.rank{rank}")
         if not path.exists():
             return []
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -103,7 +97,7 @@ class Run:
     def global_steps(self) -> dict[int, dict]:
         """Step -> {loss, indices (union over ranks, sorted), applied}; the last record wins
         (a step number repeats after a rollback)."""
-        per_rank = [self.steps(r) for r in range(self.ranks)]
+        per_rank = [self.trace(r) for r in range(self.ranks)]
         merged: dict[int, dict] = {}
         for records in zip(*per_rank):
             step = records[0]["step"]
@@ -115,14 +109,19 @@ class Run:
         return merged
 
     def wait_for(self, predicate, timeout: float = 180, what: str = "condition") -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        """Until `predicate()`; fails at once, with the log, if the trainer exits first."""
+        def reached() -> bool:
             if predicate():
-                return
-            if self.proc.poll() is not None:
-                raise AssertionError(f"trainer exited {self.proc.returncode} before {what}:\n{self.output()[-4000:]}")
-            time.sleep(0.2)
-        raise AssertionError(f"timed out waiting for {what}:\n{self.output()[-4000:]}")
+                return True
+            if self.process.proc.poll() is not None:
+                raise AssertionError(f"trainer exited {self.process.proc.returncode} before {what}:\n"
+                                     f"{self.output()[-4000:]}")
+            return False
+
+        try:
+            wait_until(reached, timeout, what)
+        except TimeoutError as err:
+            raise AssertionError(f"{err}:\n{self.output()[-4000:]}") from None
 
 
 def checkpoint_steps(folder: Path) -> list[int]:
