@@ -56,6 +56,7 @@ MUTATIONS = [
     (("spec", "pool", "tolerations"), st.lists(st.fixed_dictionaries(
         {"key": st.just("k"), "operator": st.sampled_from(["Exists", "Equal", "Maybe"])}), max_size=1)),
     (("spec", "checkpointVolume", "mountPath"), st.sampled_from(["/ckpt", "relative/path", "/a:b"])),
+    (("spec", "checkpoint", "dir"), st.sampled_from(["/ckpt", "runs/x"])),  # the launcher's, never the user's
     (("spec", "unknownField"), st.just(1)),
     (("metadata", "name"), st.sampled_from(["ok-name", "Bad_Name", "x" * 41, "9starts-with-digit"])),
 ]
@@ -105,6 +106,7 @@ def test_the_examples_are_accepted_by_the_api_server(cluster, fuzz_namespace, ex
     (("spec", "training"), {"trainSteps": 5, "trainTokens": 5}, "spec.training"),
     (("spec", "model"), {"position": "sinusoidal"}, "spec.model.position"),
     (("spec", "gpusPerNode"), 17, "spec.gpusPerNode"),
+    (("spec", "checkpoint"), {"dir": "/mine"}, "checkpoint.dir is set by the launcher"),
     (("spec", "bogus"), True, "spec.bogus"),
     (("metadata", "name"), "x" * 41, "metadata.name"),
 ])
