@@ -56,6 +56,8 @@ def register(options: Options, registry: kopf.OperatorRegistry | None = None) ->
     """Every handler of the operator, on `registry` (a new one by default), configured by
     `options`: nothing is read from the environment, nothing registered at import."""
     registry = registry if registry is not None else kopf.OperatorRegistry()
+    # kopf adds this fallback to its default registry only; kube.py uses the same credentials.
+    kopf.on.login(registry=registry)(kopf.login_via_client)
     kopf.on.startup(param=options, registry=registry)(configure)
     kopf.index(WORKER_KIND.api_version, WORKER_KIND.plural, labels=WORKERS, id=index_id(WORKER_KIND),
                registry=registry)(worker_pods)

@@ -187,3 +187,5 @@ def test_register_puts_every_handler_on_its_own_registry_and_schedules_with_a_da
     spawning = registry._spawning.get_all_handlers()
     assert [type(h).__name__ for h in spawning] == ["DaemonHandler"]  # no kopf timer beside the loop
     assert not kopf.get_default_registry()._spawning.get_all_handlers()  # nothing registered at import
+    # kopf's default registry logs in by itself; an explicit one must say how.
+    assert "login_via_client" in {h.id for h in registry._activities.get_all_handlers()}
