@@ -21,9 +21,9 @@ class OperatorMetrics:
         self.nodes_desired = Gauge("bloomrun_run_nodes_desired", "worker pods the run wants",
                                    ["namespace", "run"], registry=r)
         self.nodes_ready = Gauge("bloomrun_run_nodes_ready", "worker pods Running", ["namespace", "run"], registry=r)
-        self.gpu_hours_used = Gauge("bloomrun_run_gpu_hours_used", "GPU-hours spent (nodes x GPUs x running time)",
+        self.gpu_used_seconds = Gauge("bloomrun_run_gpu_used_seconds", "GPU time spent (nodes x GPUs x running time)",
                                     ["namespace", "run"], registry=r)
-        self.gpu_hours_budget = Gauge("bloomrun_run_gpu_hours_budget", "spec.budget.gpuHours",
+        self.gpu_budget_seconds = Gauge("bloomrun_run_gpu_budget_seconds", "spec.budget.gpuHours in GPU-seconds",
                                       ["namespace", "run"], registry=r)
         self.restarts = Counter("bloomrun_operator_restarts", "worker replacements by failure class",
                                 ["namespace", "run", "reason"], registry=r)
@@ -48,9 +48,9 @@ class OperatorMetrics:
             self.run_phase.labels(phase=phase, **labels).set(1 if status.phase == phase else 0)
         self.nodes_desired.labels(**labels).set(status.nodes.desired)
         self.nodes_ready.labels(**labels).set(status.nodes.ready)
-        self.gpu_hours_used.labels(**labels).set(status.gpu_hours.used)
+        self.gpu_used_seconds.labels(**labels).set(status.gpu_hours.used * 3600)
         if budget:
-            self.gpu_hours_budget.labels(**labels).set(budget)
+            self.gpu_budget_seconds.labels(**labels).set(budget * 3600)
         with self._lock:
             if status.phase:
                 self._phases[(namespace, name)] = status.phase
@@ -58,7 +58,7 @@ class OperatorMetrics:
 
     def forget_run(self, namespace: str, name: str) -> None:
         """The run is gone: drop its series so dashboards do not show ghosts."""
-        for gauge in (self.nodes_desired, self.nodes_ready, self.gpu_hours_used, self.gpu_hours_budget):
+        for gauge in (self.nodes_desired, self.nodes_ready, self.gpu_used_seconds, self.gpu_budget_seconds):
             try:
                 gauge.remove(namespace, name)
             except KeyError:

@@ -115,9 +115,9 @@ ALERT_CASES = textwrap.dedent(f"""
             values: '0 0 1 2 3 3x30'
           - series: 'bloomrun_run_phase{{{OPERATOR}, phase="Pending"}}'
             values: '1x35'
-          - series: 'bloomrun_run_gpu_hours_used{{{OPERATOR}}}'
+          - series: 'bloomrun_run_gpu_used_seconds{{{OPERATOR}}}'
             values: '0+1x35'
-          - series: 'bloomrun_run_gpu_hours_budget{{{OPERATOR}}}'
+          - series: 'bloomrun_run_gpu_budget_seconds{{{OPERATOR}}}'
             values: '32x35'
         alert_rule_test:
           - {{eval_time: 4m, alertname: BloomRunNoProgress, exp_alerts: []}}

@@ -186,8 +186,11 @@ def test_no_panel_plots_a_raw_counter(stack):
     """A counter's raw value resets with the process that exposes it and only ever grows: a
     panel must plot its rate() or increase(). The types are Prometheus' own, not guessed."""
     used = {m for _, query in dashboard_queries() for m in METRIC.findall(query)}
-    types = wait_until(lambda: (t := metric_types(stack)) if all(metric_type(t, m) for m in used) else None,
-                       90, "Prometheus has metadata for every metric the dashboard uses")
+
+    def complete() -> dict[str, str] | None:
+        types = metric_types(stack)
+        return types if all(metric_type(types, m) for m in used) else None
+    types = wait_until(complete, 90, "Prometheus has metadata for every metric the dashboard uses")
     for title, query in dashboard_queries():
         for metric in set(METRIC.findall(query)):
             if metric_type(types, metric) in ("counter", "histogram", "summary"):

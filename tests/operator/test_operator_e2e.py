@@ -316,7 +316,7 @@ def test_operator_metrics_are_served(runs, operator):
     assert f"bloomrun_run_phase{{{labels}}} 1.0" in text
     assert f'bloomrun_run_nodes_ready{{namespace="{runs.namespace}",run="observed"}} 1.0' in text
     for name in ("bloomrun_operator_runs", "bloomrun_operator_reconcile_duration_seconds_bucket",
-                 "bloomrun_operator_time_to_running_seconds_count", "bloomrun_run_gpu_hours_used"):
+                 "bloomrun_operator_time_to_running_seconds_count", "bloomrun_run_gpu_used_seconds"):
         assert name in text
 
 
