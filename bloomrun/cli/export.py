@@ -49,6 +49,8 @@ class Source:
 
 def locate(path: Path) -> Source:
     """Pure apart from looking at which files exist: what PATH means."""
+    if not path.exists():
+        raise UserError(f"{path}: no such run folder or checkpoint")
     if (path / METADATA).is_file() or path.name.startswith("step-"):
         return Source(None, path, path.parent.parent / RUN_CONFIG)
     if (path / "checkpoints").is_dir():
@@ -111,7 +113,7 @@ def export(args: argparse.Namespace) -> int:
     except (ckpt.CheckpointError, ValueError) as err:  # e.g. an ablation HF cannot represent
         raise UserError(str(err)) from None
     if tokenizer:
-        copy_tokenizer(tokenizer, out)
+        copy_tokenizer(tokenizer, out, config.model.shape().seq_length)
     print(f"exported step {meta['step']} of {step_dir} to {out}/ (BloomForCausalLM)")
     return 0
 
@@ -133,8 +135,10 @@ def special_token_ids(tokenizer_file: Path) -> dict[str, int]:
     return ids
 
 
-def copy_tokenizer(tokenizer_file: Path, out: Path) -> None:
-    """tokenizer.json plus the small config that makes AutoTokenizer pick BLOOM's class."""
+def copy_tokenizer(tokenizer_file: Path, out: Path, seq_length: int) -> None:
+    """tokenizer.json plus the small config that makes AutoTokenizer pick BLOOM's class.
+    model_max_length is the trained sequence length: without it transformers assumes a
+    huge one, and an evaluation harness would feed contexts the model never saw."""
     shutil.copyfile(tokenizer_file, out / "tokenizer.json")
-    settings = {"tokenizer_class": "BloomTokenizerFast", **SPECIAL_TOKENS}
+    settings = {"tokenizer_class": "BloomTokenizerFast", "model_max_length": seq_length, **SPECIAL_TOKENS}
     (out / "tokenizer_config.json").write_text(json.dumps(settings, indent=2) + "\n")

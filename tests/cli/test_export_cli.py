@@ -69,6 +69,7 @@ def test_export_ships_the_runs_tokenizer_with_blooms_special_tokens(run_dir, tmp
     text = "Once upon a time, 12 + 7 = 19."
     assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
     assert max(tokenizer(text)["input_ids"]) < config["vocab_size"]
+    assert tokenizer.model_max_length == 64  # the tiny preset's sequence length
 
 
 def test_export_of_one_step_with_a_manifest_for_the_config(run_dir, tmp_path):
@@ -86,6 +87,9 @@ def test_export_of_one_step_with_a_manifest_for_the_config(run_dir, tmp_path):
 
 def test_export_errors_are_one_line_exit_2(run_dir, tmp_path, capsys):
     run, _ = run_dir
+    assert main(["export", str(tmp_path / "nope"), "--output", str(tmp_path / "x")]) == 2
+    assert capsys.readouterr().err.strip() == f"bloomctl export: error: {tmp_path / 'nope'}: no such run folder or checkpoint"
+
     empty = tmp_path / "empty" / "checkpoints"
     empty.mkdir(parents=True)
     shutil.copy(run / "config.yaml", empty.parent / "config.yaml")
