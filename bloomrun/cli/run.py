@@ -83,7 +83,8 @@ def prepare(args: argparse.Namespace, env, cwd: Path) -> Launch:
     out = launch.run_dir(name, args.output, cwd).absolute()
     rdzv_port, metrics_port = elastic.free_ports(2)
     config = resolve_config(bloomrun.spec.trainer_config(), base_dir=manifest.parent.absolute(),
-                            checkpoint_dir=out / "checkpoints", metrics_port=metrics_port, train_steps=args.steps)
+                            checkpoint_dir=out / "checkpoints", runs_root=out.parent, metrics_port=metrics_port,
+                            train_steps=args.steps)
     check_data(config, manifest)
 
     if args.fresh and (out / "checkpoints").exists():

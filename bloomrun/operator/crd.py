@@ -63,6 +63,7 @@ TRAINER_RULES: dict[str, list[tuple[str, str]]] = {
         ),
     ],
     "OptimConfig": [("self.minLr <= self.lr", "minLr must not exceed lr")],
+    "InitFrom": [("has(self.path) != has(self.run)", "give exactly one of path and run")],
     "TrainingConfig": [
         ("has(self.trainTokens) != has(self.trainSteps)", "give exactly one of trainTokens and trainSteps"),
         ("self.globalBatchSize % self.microBatchSize == 0", "globalBatchSize must be a multiple of microBatchSize"),

@@ -222,6 +222,26 @@ class TrainingConfig(Section):
         return self
 
 
+class InitFrom(Section):
+    """A warm start: the weights (and optionally AdamW's moments) of another run's checkpoint,
+    loaded once, when this run has no checkpoint of its own. Step, data position and the
+    learning-rate schedule start at 0; the source is recorded in every checkpoint after."""
+
+    path: str | None = Field(default=None, min_length=1)
+    """A checkpoint folder (step-N), or a folder of them (its newest complete one)."""
+    run: str | None = Field(default=None, pattern=r"^[a-z]([-a-z0-9]*[a-z0-9])?$", max_length=63)
+    """Another run's name: its folder beside this run's (locally runs/NAME; on a cluster the
+    run of that name in this namespace, on the same checkpoint volume)."""
+    optimizer: bool = False
+    """Also load AdamW's moments (a continuation rather than a fresh optimiser)."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "InitFrom":
+        if (self.path is None) == (self.run is None):
+            raise ValueError("give exactly one of path and run")
+        return self
+
+
 class CheckpointConfig(Section):
     dir: str | None = None
     """Where checkpoints live: the launcher's choice (bloomrun.trainer.resolve), the run's volume
@@ -232,6 +252,8 @@ class CheckpointConfig(Section):
     """Save every M minutes as well (BLOOM saved about every 3 hours)."""
     keep_last: int = Field(default=3, ge=1)
     """Complete checkpoints kept; older ones are deleted once a newer one is published."""
+    init_from: InitFrom | None = None
+    """Warm start from another run's checkpoint (a run never resumes another run's by itself)."""
 
 
 class MetricsConfig(Section):
