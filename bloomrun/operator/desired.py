@@ -9,8 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from pathlib import PurePosixPath
 from typing import Any, Callable
-
 
 from bloomrun.operator.spec import API_VERSION, KIND, PLURAL, GROUP, BloomRunSpec, ManifestError
 from bloomrun.trainer import elastic
@@ -119,12 +119,25 @@ def _metadata(run: Run, name: str, component: str, **extra_labels: str) -> dict:
 # ---------------------------------------------------------------------- infrastructure
 
 
+def run_checkpoint_dir(run: Run) -> PurePosixPath:
+    """The run's own folder on the checkpoint volume: <mount>/<namespace>/<name>/<uid>.
+
+    Runs share a claim (the paper's arms do: examples/ablation-1b3-alibi.yaml), so each
+    gets a folder by identity, and the trainer also checks the identity each checkpoint
+    records (bloomrun.trainer.identity). The uid is part of the path so that a run deleted
+    and re-created under the same name starts fresh, next to the old run's checkpoints,
+    which stay on the volume untouched; `checkpoint.initFrom.run` starts from them."""
+    return PurePosixPath(run.spec.checkpoint_volume.mount_path) / run.namespace / run.name / run.uid
+
+
 def pod_trainer_config(run: Run) -> TrainerConfig:
     """The config the pods read: relative data paths are inside the data volume (where the
-    pod sees its data, whatever its working directory), checkpoints go to their volume."""
+    pod sees its data, whatever its working directory), checkpoints go to the run's own
+    folder on their volume, beside the other runs' folders a warm start may name."""
     spec = run.spec
+    folder = run_checkpoint_dir(run)
     return resolve_config(spec.trainer_config(), base_dir=spec.data_volume.mount_path,
-                          checkpoint_dir=spec.checkpoint_volume.mount_path)
+                          checkpoint_dir=folder, runs_root=folder.parent.parent)
 
 
 def desired_config_map(run: Run) -> dict:
@@ -283,6 +296,10 @@ def worker_pod_spec(run: Run) -> dict:
             {"name": "dshm", "mountPath": "/dev/shm"},
         ],
         "securityContext": restricted_security_context(),
+        # The trainer writes why it stopped to /dev/termination-log (a refused checkpoint,
+        # a bad data file); without that file, the log's last lines are the message. The
+        # operator puts it into status.lastFailure.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
     }
     if spec.data_volume.claim_name:
         container["volumeMounts"].append({"name": "data", "mountPath": spec.data_volume.mount_path, "readOnly": True})

@@ -133,6 +133,21 @@ def newest_complete(root: Path) -> tuple[Path, dict] | None:
     return None
 
 
+def newest_below(path: Path) -> tuple[Path, dict]:
+    """A warm start's source: `path` itself when it is a checkpoint, else the newest complete
+    checkpoint (by publication time) in it or one folder further down, which covers a local
+    run folder (NAME/checkpoints/step-N) and a cluster run's (NAME/UID/step-N)."""
+    if (path / METADATA).is_file():
+        return path, verify(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint or run folder")
+    found = [c for c in (newest_complete(folder) for folder in (path, *sorted(path.iterdir()))
+                         if folder.is_dir()) if c is not None]
+    if not found:
+        raise CheckpointError(f"{path}: holds no complete checkpoint")
+    return max(found, key=lambda choice: choice[1].get("published_at", 0))
+
+
 def prune(root: Path, keep_last: int) -> list[Path]:
     """Delete all but the newest `keep_last` complete checkpoints, stale temp folders, and
     incomplete folders older than the newest complete one. Returns what it removed."""
@@ -227,6 +242,36 @@ def choose(root: Path, world: parallel.World, device: torch.device) -> tuple[Pat
         return None
     path = root / step_dir_name(int(step))
     return path, (choice[1] if choice else json.loads((path / METADATA).read_text()))
+
+
+def choose_warm_start(source: Path, world: parallel.World) -> tuple[Path, dict]:
+    """Rank 0 picks the warm start's checkpoint (verifying its checksums), every rank takes
+    that choice. CheckpointError on every rank when there is none."""
+    choice: list = [None]
+    if world.rank == 0:
+        try:
+            choice[0] = newest_below(source)
+        except CheckpointError as err:
+            choice[0] = str(err)
+    if world.world_size > 1:
+        dist.broadcast_object_list(choice, src=0)
+    if isinstance(choice[0], str):
+        raise CheckpointError(choice[0])
+    path, meta = choice[0]
+    return Path(path), meta
+
+
+def load_weights(path: Path, meta: dict, engine, optimizer, with_moments: bool) -> None:
+    """A warm start: the checkpoint's weights (and AdamW's moments and step count, if asked),
+    nothing of its training state; without moments the optimiser starts from zeros."""
+    weights = read_tensors(path, "model.safetensors")
+    if with_moments:
+        moments, steps = read_tensors(path, "optimizer.safetensors"), int(meta["optimizer_steps"])
+    else:
+        moments = {f"{name}.{key}": torch.zeros_like(tensor) for name, tensor in weights.items()
+                   for key in parallel.MOMENTS}
+        steps = 0
+    parallel.load_full_state(engine, optimizer, weights, moments, steps)
 
 
 def load(path: Path, meta: dict, engine, optimizer, world: parallel.World) -> TrainState:

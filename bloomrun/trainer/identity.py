@@ -52,12 +52,15 @@ class RunIdentity:
         return cls(name=raw["name"], namespace=raw.get("namespace"), uid=raw.get("uid"))
 
 
-def identity_from_env(default_name: str, environ: dict[str, str] | None = None) -> RunIdentity:
+LOCAL_NAME_ENV = "BLOOMRUN_RUN"  # what `bloomctl run` sets: the manifest's name
+
+
+def identity_from_env(environ: dict[str, str] | None = None, default_name: str = "local") -> RunIdentity:
     """The operator sets BLOOMRUN_RUN_{NAMESPACE,NAME,UID} in every worker; `bloomctl run`
-    sets the name only."""
+    sets BLOOMRUN_RUN to the manifest's name; a trainer started by hand is `local`."""
     env = os.environ if environ is None else environ
     namespace, name, uid = (env.get(key) or None for key in RUN_ENV)
-    return RunIdentity(name=name or default_name, namespace=namespace, uid=uid)
+    return RunIdentity(name=name or env.get(LOCAL_NAME_ENV) or default_name, namespace=namespace, uid=uid)
 
 
 def weight_fields(config: TrainerConfig) -> dict[str, Any]:

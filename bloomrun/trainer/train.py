@@ -19,6 +19,9 @@ from pydantic import ValidationError
 from bloomrun.trainer.config import TrainerConfig, format_validation_error
 
 
+TERMINATION_LOG = "/dev/termination-log"
+
+
 def load_config(path: str) -> TrainerConfig:
     with open(path) as f:
         raw = yaml.safe_load(f)
@@ -40,20 +43,37 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.config}: {format_validation_error(err)}", file=sys.stderr)
         return 2
 
+    from bloomrun.trainer.checkpoint import CheckpointError
     from bloomrun.trainer.data import DataError
     from bloomrun.trainer.faults import FaultHooks
+    from bloomrun.trainer.identity import IdentityError
     from bloomrun.trainer.trainer import Trainer
 
     try:
         # Faults only where a test's environment asks for them (faults.py); none otherwise.
         trainer = Trainer(cfg, faults=FaultHooks.from_env())
     except (DataError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return refuse(str(err))
     try:
         return trainer.fit()
+    except (IdentityError, CheckpointError) as err:  # another run's checkpoint, a bad warm start
+        return refuse(str(err))
     finally:
         trainer.close()
+
+
+def refuse(message: str) -> int:
+    """A permanent error: one line on stderr and, in a pod, the container's termination
+    message (the kubelet reads /dev/termination-log; the operator shows it in
+    status.lastFailure). Exit 2: restarting would meet the same input."""
+    print(f"error: {message}", file=sys.stderr)
+    if os.path.exists(TERMINATION_LOG):
+        try:
+            with open(TERMINATION_LOG, "w") as log:
+                log.write(message[:4096])  # the kubelet keeps at most 4096 bytes
+        except OSError:
+            pass  # not writable here (not a pod): stderr has it
+    return 2
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from bloomrun.trainer import checkpoint as ckpt
 from bloomrun.trainer import elastic, parallel
 from bloomrun.trainer.config import TrainerConfig
 from bloomrun.trainer.faults import FaultHooks
+from bloomrun.trainer.identity import check_init_from, check_resume, compatibility, identity_from_env
 from bloomrun.trainer.metrics import TrainerMetrics, flops_per_token, peak_flops, throughput
 from bloomrun.trainer.schedule import (
     decay_tokens,
@@ -112,8 +113,12 @@ class Trainer:
         # the trainer measures it, and the optimizer clips and guards with it.
         self._measure_grad_norm = parallel.optimizer_clips(cfg, world)
 
-        # Bookkeeping: what checkpoints carry, then the loop's own.
+        # Bookkeeping: what checkpoints carry (whose they are and what they fit, so a run
+        # resumes only its own: identity.py), then the loop's own.
         self.state = ckpt.TrainState()
+        self.identity = identity_from_env()
+        self.compatibility = compatibility(cfg)
+        self.warm_started_from: dict | None = None  # recorded in every checkpoint after one
         self.last_checkpoint_step: int | None = None
         self.last_checkpoint_time: float | None = None
         self._last_save_clock = time.monotonic()
@@ -321,7 +326,9 @@ class Trainer:
             return
         start = time.perf_counter()
         self.state.optimizer_steps = parallel.optimizer_steps(self.optimizer)
-        extra = {"world_size": self.world.world_size, "zero_stage": parallel.zero_stage(self.cfg, self.world)}
+        extra = {"world_size": self.world.world_size, "zero_stage": parallel.zero_stage(self.cfg, self.world),
+                 "run": self.identity.to_dict(), "compatibility": self.compatibility,
+                 "init_from": self.warm_started_from}
         path = ckpt.save(self.checkpoint_dir, self.state, self.engine, self.optimizer, self.world,
                          self.cfg.checkpoint.keep_last, extra)
         seconds = time.perf_counter() - start
@@ -339,14 +346,19 @@ class Trainer:
                                  force=True)
 
     def resume(self) -> bool:
-        """Load the newest complete checkpoint, if any; counts as a restart."""
+        """Load the newest complete checkpoint, if any, once it proves to be this run's own
+        (IdentityError otherwise); counts as a restart. Without one, a warm start if asked."""
         choice = ckpt.choose(self.checkpoint_dir, self.world, self.device) if self.checkpoint_dir else None
         if choice is None:
-            if self.world.rank == 0 and self.checkpoint_dir is not None:
+            if self.cfg.checkpoint.init_from is not None:
+                self.warm_start()
+            elif self.world.rank == 0 and self.checkpoint_dir is not None:
                 log.info("no complete checkpoint in %s: starting at step 0", self.checkpoint_dir)
             return False
         path, meta = choice
+        check_resume(str(path), meta, self.identity, self.compatibility)
         self.state = ckpt.load(path, meta, self.engine, self.optimizer, self.world)
+        self.warm_started_from = meta.get("init_from")
         self.state.restarts += 1
         self.last_checkpoint_step, self.last_checkpoint_time = self.state.step, meta.get("published_at")
         if self.metrics is not None:
@@ -358,6 +370,19 @@ class Trainer:
             log.info("resumed from %s: step %d, %d samples consumed, restart %d (saved by %s ranks)",
                      path, self.state.step, self.state.consumed_samples, self.state.restarts, meta.get("world_size"))
         return True
+
+    def warm_start(self) -> None:
+        """checkpoint.initFrom: another run's weights (and moments, if asked) as this run's
+        start, checked to fit; step 0, data from the start, recorded in every checkpoint."""
+        init_from = self.cfg.checkpoint.init_from
+        path, meta = ckpt.choose_warm_start(Path(init_from.path), self.world)
+        check_init_from(str(path), meta, self.cfg)
+        ckpt.load_weights(path, meta, self.engine, self.optimizer, init_from.optimizer)
+        self.warm_started_from = {"path": str(path), "step": meta["step"], "run": meta.get("run"),
+                                  "optimizer": init_from.optimizer}
+        if self.world.rank == 0:
+            log.info("warm start from %s (run %s, step %d)%s", path, meta.get("run", {}).get("name", "?"),
+                     meta["step"], ", with its optimizer state" if init_from.optimizer else "")
 
     def rollback(self) -> None:
         """BLOOM's remedy for a run that keeps producing bad steps: back to the last good

@@ -79,8 +79,23 @@ def test_user_env_is_passed_after_the_operators():
 def test_config_map_holds_the_resolved_trainer_config(run):
     config_map = next(o for o in desired.desired_infra(run) if o["kind"] == "ConfigMap")
     config = TrainerConfig.model_validate(yaml.safe_load(config_map["data"]["config.yaml"]))
-    assert config.checkpoint.dir == "/checkpoints"
+    assert config.checkpoint.dir == "/checkpoints/team-a/ablation/uid-1234"  # the run's own folder
     assert config.training.train_steps == 20
+
+
+def test_runs_sharing_a_checkpoint_claim_get_folders_by_namespace_name_and_uid():
+    """Arms of a study share one claim; a run re-created under the same name (new uid) must
+    not find the old run's checkpoints in its folder."""
+    spec = make_run(checkpointVolume={"claimName": "bloom-ablations-checkpoints"}).spec
+    folders = {desired.pod_trainer_config(desired.Run(name, ns, uid, 1, spec)).checkpoint.dir
+               for name, ns, uid in [("arm", "a", "u1"), ("arm", "a", "u2"), ("arm", "b", "u1"), ("arm-2", "a", "u1")]}
+    assert len(folders) == 4 and all(f.startswith("/checkpoints/") for f in folders)
+
+
+def test_a_warm_start_from_another_run_reads_that_runs_folders_on_the_same_volume():
+    run = make_run(checkpoint={"initFrom": {"run": "base", "optimizer": True}})
+    init_from = desired.pod_trainer_config(run).checkpoint.init_from
+    assert (init_from.path, init_from.run, init_from.optimizer) == ("/checkpoints/team-a/base", None, True)
 
 
 def test_relative_data_paths_in_a_pod_are_inside_the_data_volume():
@@ -89,7 +104,8 @@ def test_relative_data_paths_in_a_pod_are_inside_the_data_volume():
                    checkpointVolume={"mountPath": "/mnt/ckpt"})
     config = desired.pod_trainer_config(run)
     assert [s.path for s in config.data.sources] == ["/mnt/data/corpora/a", "/abs/b"]
-    assert config.data.tokenizer == "/mnt/data/tok.json" and config.checkpoint.dir == "/mnt/ckpt"
+    assert config.data.tokenizer == "/mnt/data/tok.json"
+    assert config.checkpoint.dir.startswith("/mnt/ckpt/team-a/")
 
 
 def test_trainer_may_only_patch_its_own_status(run):

@@ -115,6 +115,7 @@ def test_the_worker_pods_trainer_trains_and_checkpoints_as_non_root_in_a_read_on
                                 timeout=600)
         output = result.stdout + result.stderr
         assert result.returncode == 0, output[-4000:]
-        found = ckpt.newest_complete(paths["checkpoints"])
+        found = ckpt.newest_complete(paths["checkpoints"] / "team-a" / "tiny" / "0f6c1a2e-uid")  # the run's own
         assert found is not None and found[1]["step"] == STEPS, output[-4000:]
+        assert found[1]["run"] == {"namespace": "team-a", "name": "tiny", "uid": "0f6c1a2e-uid"}
         assert not any(Path(root).rglob("metrics-port*"))  # the operator does not ask for one

@@ -75,5 +75,6 @@ def test_a_checkpoint_without_identity_is_refused():
 
 def test_identity_comes_from_the_operators_environment_or_the_manifest_name():
     env = {"BLOOMRUN_RUN_NAMESPACE": "team", "BLOOMRUN_RUN_NAME": "arm", "BLOOMRUN_RUN_UID": "uid-a"}
-    assert identity_from_env("ignored", env) == ARM_A
-    assert identity_from_env("tiny", {}) == RunIdentity(name="tiny")
+    assert identity_from_env(env) == ARM_A
+    assert identity_from_env({"BLOOMRUN_RUN": "tiny", "BLOOMRUN_NAMESPACE": "local"}) == RunIdentity(name="tiny")
+    assert identity_from_env({}) == RunIdentity(name="local")
