@@ -17,6 +17,7 @@ import yaml
 from pydantic import ValidationError
 
 from bloomrun.trainer.config import TrainerConfig, format_validation_error
+from bloomrun.trainer.runlock import die_with_launcher
 
 
 TERMINATION_LOG = "/dev/termination-log"
@@ -29,6 +30,7 @@ def load_config(path: str) -> TrainerConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
+    die_with_launcher()  # no orphan trainers if torchrun is SIGKILLed (runlock.py)
     parser = argparse.ArgumentParser(prog="bloomrun.trainer.train", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="TrainerConfig YAML (camelCase keys)")
     args = parser.parse_args(argv)

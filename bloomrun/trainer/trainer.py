@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from bloomrun.trainer import checkpoint as ckpt
-from bloomrun.trainer import elastic, parallel
+from bloomrun.trainer import elastic, parallel, runlock
 from bloomrun.trainer.config import TrainerConfig
 from bloomrun.trainer.faults import FaultHooks
 from bloomrun.trainer.identity import check_init_from, check_resume, compatibility, identity_from_env
@@ -79,6 +79,8 @@ class Trainer:
         self.world = world = world or parallel.World.from_env()
         self.args = ModelArgs.from_config(cfg.model)
         self.checkpoint_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else None
+        # One trainer per checkpoint folder: rank 0 holds its lock while it lives (runlock.py).
+        self.run_lock = runlock.acquire(self.checkpoint_dir) if self.checkpoint_dir and world.rank == 0 else None
 
         # Data: checked before anything else so a bad file fails with its name, at once.
         # Rank 0 alone: the check reads every token, and torchrun stops the others if it fails.
@@ -453,3 +455,5 @@ class Trainer:
     def close(self) -> None:
         if self.reporter is not None:
             self.reporter.close()
+        if self.run_lock is not None:
+            self.run_lock.release()
