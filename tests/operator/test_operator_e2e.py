@@ -69,12 +69,50 @@ def test_a_run_is_scheduled_onto_the_a100_80gb_pool_and_reports_running(runs, op
     service = runs.core.read_namespaced_service("ablation", runs.namespace)
     assert service.spec.cluster_ip == "None"
     config = yaml.safe_load(runs.core.read_namespaced_config_map("ablation-config", runs.namespace).data["config.yaml"])
-    assert config["checkpoint"]["dir"] == "/checkpoints"
+    uid = runs.get("ablation")["metadata"]["uid"]
+    assert config["checkpoint"]["dir"] == f"/checkpoints/{runs.namespace}/ablation/{uid}"  # its own folder
     assert {e.reason for e in runs.events("ablation")} >= {"Running"}
     # Printer columns.
     table = cluster.kubectl("get", "br", "-n", runs.namespace).stdout
     assert table.split()[:8] == ["NAME", "PHASE", "NODES", "STEP", "LOSS", "TOKENS/S", "RESTARTS", "AGE"]
     assert "ablation" in table and "Running" in table and "2/2" in table
+
+
+def test_runs_sharing_a_checkpoint_claim_write_to_folders_of_their_own(runs, operator):
+    """Two arms of a study on one claim, and an arm deleted and re-created under its name:
+    three folders, so none can resume another's checkpoints (the trainer checks too)."""
+    nodes = runs.add_nodes(2)
+    claim = {"checkpointVolume": {"claimName": "bloom-ablations-checkpoints"}}
+
+    def written(name: str) -> str | None:
+        try:
+            config_map = runs.core.read_namespaced_config_map(f"{name}-config", runs.namespace)
+        except client.ApiException as err:
+            if err.status == 404:
+                return None
+            raise
+        return yaml.safe_load(config_map.data["config.yaml"])["checkpoint"]["dir"]
+
+    def folder(name: str) -> str:
+        return wait_for(lambda: written(name), 30, f"{name}'s ConfigMap")
+
+    def gone(name: str) -> bool:
+        try:
+            runs.get(name)
+        except client.ApiException as err:
+            return err.status == 404
+        return False
+
+    runs.create(runs.manifest("arm-a", nodes[:1], 1, 1, **claim))
+    runs.create(runs.manifest("arm-b", nodes[1:], 1, 1, **claim))
+    first_a, b = folder("arm-a"), folder("arm-b")
+    runs.delete("arm-a")
+    wait_for(lambda: gone("arm-a"), 60, "arm-a deleted")
+    runs.create(runs.manifest("arm-a", nodes[:1], 1, 1, **claim))
+    second_a = wait_for(lambda: (lambda f: f if f not in (None, first_a) else None)(written("arm-a")), 60,
+                        "the re-created arm-a's own folder")
+    assert len({first_a, b, second_a}) == 3
+    assert second_a.startswith(f"/checkpoints/{runs.namespace}/arm-a/")
 
 
 def test_a_retryable_failure_is_replaced_and_counted_once(runs, operator, cluster):
