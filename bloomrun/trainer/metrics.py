@@ -20,10 +20,9 @@ import math
 import os
 import socket
 from dataclasses import dataclass
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
-
-from bloomrun.trainer.config import Shape
 
 # Dense peak FLOP/s of one device by name and precision (vendor datasheets; no sparsity).
 # fp32 on a GPU means TF32 tensor cores, which torch uses for fp32 matmuls when allowed.
@@ -37,7 +36,15 @@ PEAK_FLOPS = {
 PEAK_ENV = "BLOOMRUN_PEAK_TFLOPS"  # override, e.g. for a CPU or an unlisted card
 
 
-def flops_per_token(num_parameters: int, shape: Shape) -> float:
+class HasShape(Protocol):
+    """A config Shape or the model's ModelArgs: both name these fields."""
+
+    num_layers: int
+    hidden_size: int
+    seq_length: int
+
+
+def flops_per_token(num_parameters: int, shape: HasShape) -> float:
     return 6.0 * num_parameters + 12.0 * shape.num_layers * shape.hidden_size * shape.seq_length
 
 
