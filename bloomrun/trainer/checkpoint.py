@@ -49,6 +49,7 @@ log = logging.getLogger("bloomrun.checkpoint")
 FORMAT_VERSION = 1
 METADATA = "metadata.json"
 STEP_DIR = re.compile(r"^step-(\d{8,})$")
+TENSOR_FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors")
 
 
 class CheckpointError(Exception):
@@ -96,7 +97,9 @@ def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
     found = []
     for entry in root.iterdir():
         match = STEP_DIR.match(entry.name)
-        if match and entry.is_dir():
+        # A symlinked step folder is not ours: following it would read (and hash) whatever
+        # it points at, another run's checkpoint or any file on the volume.
+        if match and entry.is_dir() and not entry.is_symlink():
             found.append((int(match.group(1)), entry))
     return sorted(found, reverse=True)
 
@@ -112,9 +115,16 @@ def verify(path: Path) -> dict:
         raise CheckpointError(f"{path}/{METADATA}: unreadable ({err})") from None
     if meta.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: format {meta.get('format')!r}, expected {FORMAT_VERSION}")
-    for name, expected in meta.get("files", {}).items():
+    if path.is_symlink():
+        raise CheckpointError(f"{path}: a symbolic link, not a checkpoint folder")
+    listed = meta.get("files")
+    if not isinstance(listed, dict) or set(listed) != set(TENSOR_FILES):
+        # Exactly our three files: a name like ../../x or /etc/shadow would be joined onto
+        # the folder and hashed, and an omitted one would be loaded unchecked.
+        raise CheckpointError(f"{path}/{METADATA}: lists files {sorted(listed or [])}, expected {list(TENSOR_FILES)}")
+    for name, expected in listed.items():
         file = path / name
-        if not file.is_file():
+        if file.is_symlink() or not file.is_file():
             raise CheckpointError(f"{file}: missing")
         if file.stat().st_size != expected["bytes"]:
             raise CheckpointError(f"{file}: {file.stat().st_size} bytes, metadata says {expected['bytes']}")
@@ -184,7 +194,7 @@ def publish(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     files = {}
-    for name, tensors in (("model.safetensors", model), ("optimizer.safetensors", optimizer), ("rng.safetensors", rng)):
+    for name, tensors in zip(TENSOR_FILES, (model, optimizer, rng)):
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / name))
         fsync_path(tmp / name)
         files[name] = {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size}

@@ -60,6 +60,35 @@ def test_unknown_format_is_refused(tmp_path):
         ckpt.verify(path)
 
 
+@pytest.mark.parametrize("files", [
+    {"../../outside": None},             # a name joined onto the folder: hashes any file
+    {"/etc/hostname": None},
+    {},                                  # nothing listed: the tensors would load unchecked
+])
+def test_metadata_naming_other_files_than_ours_is_refused(tmp_path, files):
+    path = save(tmp_path, 1)
+    meta = json.loads((path / "metadata.json").read_text())
+    listed = {name: meta["files"]["model.safetensors"] for name in files}
+    (path / "metadata.json").write_text(json.dumps({**meta, "files": listed}))
+    with pytest.raises(ckpt.CheckpointError, match="lists files"):
+        ckpt.verify(path)
+
+
+def test_symlinked_step_folders_and_files_are_not_followed(tmp_path):
+    other = save(tmp_path / "other-run", 9)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "step-00000009").symlink_to(other, target_is_directory=True)
+    assert ckpt.newest_complete(mine) is None
+    with pytest.raises(ckpt.CheckpointError, match="symbolic link"):
+        ckpt.verify(mine / "step-00000009")
+    real = save(mine, 1)
+    (real / "model.safetensors").unlink()
+    (real / "model.safetensors").symlink_to(other / "model.safetensors")
+    with pytest.raises(ckpt.CheckpointError, match="model.safetensors: missing"):
+        ckpt.verify(real)
+
+
 def test_prune_keeps_last_k_complete_and_removes_stale_temp_and_older_incomplete(tmp_path):
     for step in (1, 2, 3, 4, 5):
         save(tmp_path, step)
