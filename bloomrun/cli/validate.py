@@ -17,7 +17,7 @@ import yaml
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("validate", help="check a BloomRun manifest offline with the API server's rules",
                                    description=__doc__.split("\n\n")[0])
-    parser.add_argument("files", nargs="+", metavar="FILE", help="BloomRun manifest (YAML)")
+    parser.add_argument("files", nargs="+", metavar="FILE", help="BloomRun manifest (YAML); - reads standard input")
     parser.add_argument("--render", action="store_true",
                         help="print the Service, ConfigMap, RBAC and worker pods the operator would create")
     parser.add_argument("-n", "--namespace", default="default", help="namespace assumed by --render")
@@ -25,23 +25,29 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from bloomrun.cli.main import UserError
-    from bloomrun.operator.spec import ManifestError, load_manifest
+    """Checks every file and reports each (one line on stdout if valid, on stderr if not);
+    exit 2 if any failed."""
+    from bloomrun.cli.main import EXIT_USAGE
+    from bloomrun.operator.spec import ManifestError, load_manifest, load_manifest_text
 
+    failed = 0
     for path in args.files:
         try:
-            manifest = load_manifest(path)
+            manifest = load_manifest_text(sys.stdin.read(), "-") if path == "-" else load_manifest(path)
         except ManifestError as err:
-            raise UserError(str(err)) from None
+            print(f"bloomctl validate: error: {err}", file=sys.stderr)
+            failed += 1
+            continue
         spec = manifest.spec
         shape = spec.model.shape()
-        print(f"{path}: valid BloomRun {manifest.metadata.name!r}: "
+        # With --render the line is a YAML comment, so stdout stays a stream `kubectl` can read.
+        print(f"{'# ' if args.render else ''}{path}: valid BloomRun {manifest.metadata.name!r}: "
               f"{shape.num_layers} layers x {shape.hidden_size} hidden x {shape.num_heads} heads, "
               f"position={spec.model.position}, nodes {spec.nodes.min}-{spec.nodes.max} x "
-              f"{spec.gpus_per_node} GPUs", file=sys.stderr)
+              f"{spec.gpus_per_node} GPUs", flush=True)
         if args.render:
-            print(yaml.safe_dump_all(render(manifest, args.namespace), sort_keys=False), end="")
-    return 0
+            print(yaml.safe_dump_all(render(manifest, args.namespace), sort_keys=False), end="", flush=True)
+    return EXIT_USAGE if failed else 0
 
 
 def render(manifest, namespace: str) -> list[dict]:

@@ -62,14 +62,26 @@ TRAINER_RULES: dict[str, list[tuple[str, str]]] = {
             "position 'rotary' needs an even head dimension (hiddenSize / numHeads)",
         ),
     ],
-    "OptimConfig": [("self.minLr <= self.lr", "minLr must not exceed lr")],
+    "OptimConfig": [
+        ("self.minLr <= self.lr", "minLr must not exceed lr"),
+        ("!has(self.decayTokens) || !has(self.warmupTokens) || self.decayTokens >= self.warmupTokens",
+         "decayTokens must not be shorter than warmupTokens: the decay counts from token 0"),
+    ],
     "InitFrom": [("has(self.path) != has(self.run)", "give exactly one of path and run")],
     "TrainingConfig": [
         ("has(self.trainTokens) != has(self.trainSteps)", "give exactly one of trainTokens and trainSteps"),
         ("self.globalBatchSize % self.microBatchSize == 0", "globalBatchSize must be a multiple of microBatchSize"),
         ("!has(self.rampup) || self.rampup.start <= self.globalBatchSize", "rampup.start must not exceed globalBatchSize"),
+        ("!has(self.rampup) || self.rampup.start > self.globalBatchSize"
+         " || (self.globalBatchSize - self.rampup.start) % self.rampup.increment == 0",
+         "rampup: globalBatchSize - start must be a multiple of increment"),
     ],
 }
+
+# Fields whose pydantic default the CRD does not write into the stored object, so that a CEL
+# rule can tell a value the manifest gives from the default (the operator's pydantic parse
+# fills it in): see BloomRunSpec._check_schedule.
+IMPLICIT_DEFAULTS: dict[str, set[str]] = {"OptimConfig": {"warmupTokens"}}
 
 PRINTER_COLUMNS = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
@@ -94,6 +106,10 @@ def structural(schema: dict, defs: dict) -> dict:
         node = target
         node.setdefault("x-kubernetes-validations", [])
         node["x-kubernetes-validations"] += [{"rule": r, "message": m} for r, m in TRAINER_RULES.get(name, [])]
+        for field in IMPLICIT_DEFAULTS.get(name, ()):
+            node["properties"][field].pop("default", None)
+            if isinstance(node.get("default"), dict):
+                node["default"].pop(field, None)
         if not node["x-kubernetes-validations"]:
             del node["x-kubernetes-validations"]
     nullable = False
@@ -123,10 +139,14 @@ def structural(schema: dict, defs: dict) -> dict:
         node["x-kubernetes-preserve-unknown-fields"] = True
     if "items" in node:
         node["items"] = structural(node["items"], defs)
-    if "anyOf" in node:  # int-or-string: the branches may only restate types and formats
-        node["anyOf"] = [{k: v for k, v in b.items() if k == "type"} for b in node["anyOf"]]
-        node["pattern"] = schema["anyOf"][1]["pattern"] if "pattern" in schema["anyOf"][1] else None
-        node = {k: v for k, v in node.items() if v is not None}
+    if "anyOf" in node:
+        # int-or-string: the branches may only restate types and formats, so their bounds move
+        # to the node, where each applies to its own type (pattern and maxLength to a string,
+        # minimum and maximum to an integer).
+        branches = node["anyOf"]
+        node["anyOf"] = [{k: v for k, v in b.items() if k == "type"} for b in branches]
+        for branch in branches:
+            node.update({k: v for k, v in branch.items() if k in ("pattern", "maxLength", "minimum", "maximum")})
     if "default" in node:
         default = node["default"]
         if default is None:

@@ -10,11 +10,15 @@ helpers use it on machines that have neither.
 
 from __future__ import annotations
 
+import datetime
+import math
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -26,7 +30,7 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
-from bloomrun.trainer.config import CheckpointConfig, Section, TrainerConfig, format_validation_error
+from bloomrun.trainer.config import PRESETS, CheckpointConfig, Section, TrainerConfig, format_validation_error
 
 GROUP = "bloomrun.io"
 VERSION = "v1alpha1"
@@ -58,12 +62,21 @@ RESERVED_ENV_PREFIXES = ("TORCHELASTIC_", "PET_", "BLOOMRUN_")
 # permanent: restarting would fail the same way, as Kubeflow's ExitCode policy also assumes.
 DEFAULT_RETRYABLE_EXIT_CODES = [134, 135, 137, 139, 143]
 
-QUANTITY_PATTERN = r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
+# Kubernetes' quantity grammar (k8s.io/apimachinery resource.ParseQuantity) without the sign
+# a resource cannot have: digits with an optional fraction, then a binary (Ki..Ei) or decimal
+# (n, u, m, k, M..E) suffix or an integer exponent.
+QUANTITY_PATTERN = r"^\+?([0-9]+(\.[0-9]*)?|\.[0-9]+)([KMGTPE]i|[numkMGTPE]|[eE][-+]?[0-9]+)?$"
+MAX_QUANTITY_INT = 2**53 - 1  # JSON carries larger integers as floats, which the API server refuses
 
 
 def _quantity_to_str(value: Any) -> Any:
-    # Kubernetes quantities may be written as numbers in YAML (`cpu: 4`).
-    return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+    # Kubernetes quantities may be written as integers in YAML (`cpu: 4`); a float (1.5) is
+    # not an int-or-string for the API server, so it stays a float and is refused.
+    if isinstance(value, int) and not isinstance(value, bool):
+        if not 0 <= value <= MAX_QUANTITY_INT:
+            raise ValueError(f"a quantity is a non-negative integer up to {MAX_QUANTITY_INT} or a string")
+        return str(value)
+    return value
 
 
 Quantity = Annotated[
@@ -73,15 +86,49 @@ Quantity = Annotated[
     WithJsonSchema(
         {
             "x-kubernetes-int-or-string": True,
-            "anyOf": [{"type": "integer"}, {"type": "string", "pattern": QUANTITY_PATTERN, "maxLength": 64}],
+            "anyOf": [{"type": "integer", "minimum": 0, "maximum": MAX_QUANTITY_INT},
+                      {"type": "string", "pattern": QUANTITY_PATTERN, "maxLength": 64}],
         }
     ),
 ]
 
-LabelMap = Annotated[
-    dict[Annotated[str, Field(max_length=317)], Annotated[str, Field(max_length=63)]],
-    Field(max_length=64),
-]
+# Kubernetes names (k8s.io/apimachinery/pkg/util/validation): DNS-1123 labels and subdomains,
+# label values, and qualified names (label, annotation and resource keys: an optional
+# DNS-subdomain prefix of at most 253 characters and '/', then a name of at most 63).
+DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
+_SUBDOMAIN = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*"
+DNS_SUBDOMAIN_PATTERN = f"^{_SUBDOMAIN}$"
+LABEL_VALUE_PATTERN = r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$"
+QUALIFIED_NAME_PATTERN = f"^({_SUBDOMAIN}/)?[A-Za-z0-9]([-A-Za-z0-9_.]{{0,61}}[A-Za-z0-9])?$"
+QUALIFIED_NAME_RULE = (f"k.matches('{QUALIFIED_NAME_PATTERN}') && (!k.contains('/') || k.indexOf('/') <= 253)"
+                       .replace("\\", "\\\\"))
+QUALIFIED_NAME_MESSAGE = ("must be a qualified name: an optional DNS-subdomain prefix and '/', then at most 63 "
+                          "letters, digits, '-', '_' or '.', starting and ending with a letter or digit")
+
+
+def is_qualified_name(key: str) -> bool:
+    """A label, annotation or resource key as Kubernetes' IsQualifiedName has it."""
+    return re.fullmatch(QUALIFIED_NAME_PATTERN, key) is not None and (
+        "/" not in key or key.index("/") <= 253)
+
+
+def _qualified_name(key: str) -> str:
+    if not is_qualified_name(key):
+        raise ValueError(f"key {key!r} {QUALIFIED_NAME_MESSAGE}")
+    return key
+
+
+QualifiedName = Annotated[str, Field(max_length=317), AfterValidator(_qualified_name)]
+LabelValue = Annotated[str, Field(max_length=63, pattern=LABEL_VALUE_PATTERN)]
+DnsSubdomain = Annotated[str, Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN_PATTERN)]
+
+
+def keys_rule(what: str) -> dict:
+    """CEL twin of a map whose keys are QualifiedName."""
+    return Cel.rules((f"self.all(k, {QUALIFIED_NAME_RULE})", f"{what} keys {QUALIFIED_NAME_MESSAGE}"))
+
+
+LabelMap = Annotated[dict[QualifiedName, LabelValue], Field(max_length=64)]
 
 
 class Cel:
@@ -119,17 +166,45 @@ class NodeRange(Section):
 
 
 class Toleration(Section):
+    """A Kubernetes toleration, with the rules the API server checks on the pod
+    (k8s.io/kubernetes/pkg/apis/core/validation ValidateTolerations)."""
+
+    model_config = ConfigDict(
+        json_schema_extra=Cel.rules(
+            (f"!has(self.key) || self.key == '' || {QUALIFIED_NAME_RULE.replace('k.', 'self.key.')}",
+             f"key {QUALIFIED_NAME_MESSAGE}"),
+            ("(has(self.key) && self.key != '') || self.operator == 'Exists'",
+             "a toleration without a key must use operator Exists"),
+            ("self.operator != 'Exists' || !has(self.value) || self.value == ''",
+             "operator Exists takes no value"),
+            ("!has(self.tolerationSeconds) || (has(self.effect) && self.effect == 'NoExecute')",
+             "tolerationSeconds needs effect NoExecute"),
+        )
+    )
+
     key: str | None = Field(default=None, max_length=317)
     operator: Literal["Exists", "Equal"] = "Equal"
-    value: str | None = Field(default=None, max_length=63)
+    value: LabelValue | None = None
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
-    toleration_seconds: int | None = Field(default=None, ge=0)
+    toleration_seconds: int | None = Field(default=None, ge=0, le=10**9)
+
+    @model_validator(mode="after")
+    def _check_rules(self) -> "Toleration":
+        if self.key and not is_qualified_name(self.key):
+            raise ValueError(f"key {QUALIFIED_NAME_MESSAGE}")
+        if not self.key and self.operator != "Exists":
+            raise ValueError("a toleration without a key must use operator Exists")
+        if self.operator == "Exists" and self.value:
+            raise ValueError("operator Exists takes no value")
+        if self.toleration_seconds is not None and self.effect != "NoExecute":
+            raise ValueError("tolerationSeconds needs effect NoExecute")
+        return self
 
 
 class Pool(Section):
     """Where the workers may run: a GPU node pool."""
 
-    node_selector: LabelMap = {}
+    node_selector: LabelMap = Field(default={}, json_schema_extra=keys_rule("nodeSelector"))
     """Node labels a worker's node must carry (e.g. nvidia.com/gpu.product)."""
     tolerations: list[Toleration] = Field(default=[], max_length=32)
     """Taints the workers tolerate; the nvidia.com/gpu taint is tolerated automatically."""
@@ -156,8 +231,8 @@ class ResourceRequirements(Section):
         )
     )
 
-    requests: dict[Annotated[str, Field(max_length=253)], Quantity] = Field(default={}, max_length=16)
-    limits: dict[Annotated[str, Field(max_length=253)], Quantity] = Field(default={}, max_length=16)
+    requests: dict[QualifiedName, Quantity] = Field(default={}, max_length=16, json_schema_extra=keys_rule("requests"))
+    limits: dict[QualifiedName, Quantity] = Field(default={}, max_length=16, json_schema_extra=keys_rule("limits"))
 
     @model_validator(mode="after")
     def _no_gpus(self) -> "ResourceRequirements":
@@ -190,7 +265,7 @@ class RunCheckpointConfig(CheckpointConfig):
 
 
 class CheckpointVolume(Section):
-    claim_name: str | None = Field(default=None, max_length=253)
+    claim_name: DnsSubdomain | None = None
     """PersistentVolumeClaim holding checkpoints (ReadWriteMany across nodes); without one
     checkpoints live in an emptyDir and do not survive a pod's replacement."""
     mount_path: str = Field(default=DEFAULT_CHECKPOINT_MOUNT, pattern=r"^/[^:]*$", max_length=255)
@@ -198,7 +273,7 @@ class CheckpointVolume(Section):
 
 
 class DataVolume(Section):
-    claim_name: str | None = Field(default=None, max_length=253)
+    claim_name: DnsSubdomain | None = None
     """PersistentVolumeClaim holding the pretokenized corpora (data.sources paths point into it)."""
     mount_path: str = Field(default="/data", pattern=r"^/[^:]*$", max_length=255)
     """Where it is mounted (read-only); in a pod, relative data paths are relative to it."""
@@ -216,7 +291,7 @@ class RestartPolicy(Section):
 
 
 class Budget(Section):
-    gpu_hours: float | None = Field(default=None, gt=0)
+    gpu_hours: float | None = Field(default=None, gt=0, le=1e9)
     """GPU-hours (nodes x GPUs x running time) after which the run checkpoints and stops."""
 
 
@@ -244,8 +319,34 @@ class EnvVar(Section):
         return name
 
 
+_SEQ = ("(has(self.model.seqLength) ? self.model.seqLength : {"
+        + ", ".join(f"'{name}': {shape.seq_length}" for name, shape in PRESETS.items()) + "}[self.model.preset])")
+_STEP_TOKENS = f"(self.training.globalBatchSize * {_SEQ})"
+WARMUP_RULE = (
+    "!has(self.optim.warmupTokens) || (has(self.training.trainTokens)"
+    " ? self.optim.warmupTokens <= self.training.trainTokens"
+    f" : !has(self.training.trainSteps) || (self.optim.warmupTokens + {_STEP_TOKENS} - 1) / {_STEP_TOKENS}"
+    " <= self.training.trainSteps)"
+)
+RAMPUP_RULE = (
+    "!has(self.training.rampup) || (has(self.training.trainTokens)"
+    f" ? self.training.rampup.samples <= self.training.trainTokens / {_SEQ}"
+    " : !has(self.training.trainSteps)"
+    " || self.training.rampup.samples <= self.training.trainSteps * self.training.globalBatchSize)"
+)
+
+
 class BloomRunSpec(TrainerConfig):
     """A training run: the trainer's config sections plus where and how to run it."""
+
+    model_config = ConfigDict(
+        json_schema_extra=Cel.rules(
+            (WARMUP_RULE, "optim.warmupTokens must not be longer than the run (training.trainTokens, or "
+                          "trainSteps x globalBatchSize x model.seqLength)"),
+            (RAMPUP_RULE, "training.rampup.samples must not be longer than the run (training.trainTokens / "
+                          "model.seqLength, or trainSteps x globalBatchSize samples)"),
+        )
+    )
 
     checkpoint: RunCheckpointConfig = RunCheckpointConfig()
     """Checkpoint cadence and retention (where checkpoints go is the launcher's choice)."""
@@ -268,13 +369,14 @@ class BloomRunSpec(TrainerConfig):
     """When and how often failed workers are replaced."""
     suspend: bool = False
     """Delete the workers (checkpoints stay); false again recreates them and resumes."""
-    priority_class_name: str | None = Field(default=None, max_length=253)
+    priority_class_name: DnsSubdomain | None = None
     """PriorityClass of the worker pods."""
-    queue: str | None = Field(default=None, max_length=63)
+    queue: Annotated[str, Field(min_length=1, max_length=63, pattern=DNS_SUBDOMAIN_PATTERN)] | None = None
     """Kueue LocalQueue (sets the kueue.x-k8s.io/queue-name label)."""
     budget: Budget = Budget()
     """GPU-hour budget, the unit the paper's ablations were planned in."""
-    env: list[EnvVar] = Field(default=[], max_length=64)
+    env: list[EnvVar] = Field(default=[], max_length=64, json_schema_extra={
+        "x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]})  # the server's twin of _unique_env
     """Extra environment variables of the trainer (names torchrun or the operator set are refused)."""
     shm_size: Quantity | None = None
     """Size limit of the memory-backed /dev/shm (NCCL and data loaders use it); none by default."""
@@ -287,6 +389,32 @@ class BloomRunSpec(TrainerConfig):
         if dupes:
             raise ValueError(f"duplicate env names: {', '.join(dupes)}")
         return env
+
+    @model_validator(mode="after")
+    def _check_schedule(self) -> "BloomRunSpec":
+        # A schedule longer than the run silently never happens: the rate never reaches lr, the
+        # batch never reaches globalBatchSize. Only a warmup the manifest gives is checked (the
+        # CRD does not store the paper's 375M default, see crd.IMPLICIT_DEFAULTS): small runs
+        # that keep the default are the trainer's tests and demos. With trainSteps the run is
+        # counted at the full batch, an upper bound under a ramp-up.
+        training, optim = self.training, self.optim
+        seq_length = self.model.shape().seq_length
+        if training.train_tokens is not None:
+            run = f"training.trainTokens: {training.train_tokens}"
+            run_tokens_ok = lambda tokens: tokens <= training.train_tokens  # noqa: E731
+            run_samples = training.train_tokens // seq_length
+        else:
+            step_tokens = training.global_batch_size * seq_length
+            run = (f"training.trainSteps x globalBatchSize x model.seqLength: "
+                   f"{training.train_steps} x {training.global_batch_size} x {seq_length}")
+            run_tokens_ok = lambda tokens: -(-tokens // step_tokens) <= training.train_steps  # noqa: E731
+            run_samples = training.train_steps * training.global_batch_size
+        if "warmup_tokens" in optim.model_fields_set and not run_tokens_ok(optim.warmup_tokens):
+            raise ValueError(f"optim.warmupTokens ({optim.warmup_tokens}) is longer than the run ({run})")
+        if training.rampup is not None and training.rampup.samples > run_samples:
+            raise ValueError(f"training.rampup.samples ({training.rampup.samples}) is longer than the run "
+                             f"({run_samples} samples; {run})")
+        return self
 
     def trainer_config(self) -> TrainerConfig:
         """The trainer's sections of this spec, unresolved (bloomrun.trainer.resolve resolves
@@ -393,13 +521,43 @@ class BloomRunStatus(Status):
 # --------------------------------------------------------------------------- resource
 
 
+MAX_ANNOTATIONS_BYTES = 256 * 1024  # the API server's TotalAnnotationSizeLimitB
+
+
 class ObjectMeta(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    """metadata as the API server checks it: unknown keys are refused (kubectl's strict field
+    validation), labels and annotation keys follow Kubernetes' grammar."""
+
+    model_config = ConfigDict(alias_generator=to_camel, extra="forbid")
 
     name: str = Field(min_length=1, max_length=MAX_RUN_NAME, pattern=RUN_NAME_PATTERN)
-    namespace: str | None = Field(default=None, max_length=63)
-    labels: dict[str, str] = {}
+    namespace: Annotated[str, Field(max_length=63, pattern=DNS_LABEL_PATTERN)] | None = None
+    labels: dict[QualifiedName, LabelValue] = {}
     annotations: dict[str, str] = {}
+    # Written by the API server or by controllers: known keys, so an object read back from the
+    # cluster parses; their content is the API server's to check.
+    generate_name: Any = None
+    uid: Any = None
+    resource_version: Any = None
+    generation: Any = None
+    creation_timestamp: Any = None
+    deletion_timestamp: Any = None
+    deletion_grace_period_seconds: Any = None
+    owner_references: Any = None
+    finalizers: Any = None
+    managed_fields: Any = None
+    self_link: Any = None
+
+    @field_validator("annotations")
+    @classmethod
+    def _check_annotations(cls, annotations: dict[str, str]) -> dict[str, str]:
+        for key in annotations:
+            if not is_qualified_name(key.lower()):
+                raise ValueError(f"key {key!r} {QUALIFIED_NAME_MESSAGE}")
+        size = sum(len(k) + len(v) for k, v in annotations.items())
+        if size > MAX_ANNOTATIONS_BYTES:
+            raise ValueError(f"annotations take {size} bytes, at most {MAX_ANNOTATIONS_BYTES} are allowed")
+        return annotations
 
 
 class BloomRun(BaseModel):
@@ -416,40 +574,134 @@ class ManifestError(ValueError):
     """A manifest that cannot be a BloomRun; the message is one line naming the field."""
 
 
+# Limits on what a manifest file may hold, so that pathological input ends in a one-line error
+# rather than a RecursionError or an endless expansion of YAML aliases. A BloomRun is about 8
+# levels deep and a few hundred values; the API server stores at most etcd's default request
+# size (1.5 MiB).
+MAX_MANIFEST_BYTES = 3 * 1024 * 1024 // 2
+MAX_DEPTH = 64
+MAX_VALUES = 100_000
+
+
+def as_sent(document: Any) -> Any:
+    """The document as kubectl sends it to the API server, as JSON: mapping keys are strings
+    (YAML's `1:` or `true:` keys become "1" and "true"), a float with an integral value is an
+    integer (Go's JSON writes 8.0 as 8), a YAML date is its text. Raises ManifestError naming
+    the field for what JSON cannot carry (infinity, NaN, binary) and for documents nested
+    deeper than MAX_DEPTH or holding more than MAX_VALUES values."""
+    count = 0
+
+    def convert(value: Any, path: str, depth: int) -> Any:
+        nonlocal count
+        count += 1
+        where = path or "(top level)"
+        if count > MAX_VALUES:
+            raise ManifestError(f"the document holds more than {MAX_VALUES} values")
+        if depth > MAX_DEPTH:
+            raise ManifestError(f"{where}: nested deeper than {MAX_DEPTH} levels")
+        if isinstance(value, dict):
+            converted = {}
+            for key, item in value.items():
+                key = _json_key(key, where)
+                converted[key] = convert(item, f"{path}.{key}" if path else key, depth + 1)
+            return converted
+        if isinstance(value, list):
+            return [convert(item, f"{path}.{index}", depth + 1) for index, item in enumerate(value)]
+        if isinstance(value, float):
+            if not math.isfinite(value):
+                raise ManifestError(f"{where}: {value} is not a number JSON can carry")
+            return int(value) if value.is_integer() else value
+        if isinstance(value, (datetime.date, datetime.datetime)):
+            return value.isoformat()
+        if value is None or isinstance(value, (str, int, bool)):
+            return value
+        raise ManifestError(f"{where}: a {type(value).__name__} is not a JSON value")
+
+    return convert(document, "", 0)
+
+
+def _json_key(key: Any, where: str) -> str:
+    if isinstance(key, str):
+        return key
+    if isinstance(key, bool):
+        return "true" if key else "false"
+    if key is None:
+        return "null"
+    if isinstance(key, int) or (isinstance(key, float) and math.isfinite(key)):
+        return str(int(key)) if float(key).is_integer() else repr(key)
+    raise ManifestError(f"{where}: a key must be a string, got {type(key).__name__}")
+
+
 def parse_manifest(document: Any) -> BloomRun:
-    """Validate a parsed YAML/JSON document as a BloomRun."""
+    """Validate a parsed YAML/JSON document as a BloomRun, as strictly as the API server does:
+    no type coercion (pydantic's strict mode: "true" is no boolean, true no integer) and
+    camelCase keys only (the snake_case spelling is an unknown field there)."""
     if not isinstance(document, dict):
         raise ManifestError(f"a BloomRun manifest is a mapping, got {type(document).__name__}")
+    document = as_sent(document)
     api_version, kind = document.get("apiVersion"), document.get("kind")
     if kind != KIND:
         raise ManifestError(f"kind: expected {KIND!r}, got {kind!r}")
     if api_version != API_VERSION:
         raise ManifestError(f"apiVersion: expected {API_VERSION!r}, got {api_version!r}")
     try:
-        return BloomRun.model_validate(document)
+        return BloomRun.model_validate(document, strict=True, by_alias=True, by_name=False)
     except ValidationError as err:
         raise ManifestError(format_validation_error(err)) from None
+
+
+class _ManifestLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, but a key given twice in one mapping is an error (kubectl refuses
+    it; PyYAML would keep the last value silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = (type(key), key) in seen  # 1 and true are different keys to kubectl
+                seen.add((type(key), key))
+            except TypeError:
+                continue  # unhashable: the base class reports it
+            if duplicate:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
+def load_manifest_text(text: str, source: str) -> BloomRun:
+    """Validate the text of a manifest (one YAML document); errors name `source`."""
+    if len(text) > MAX_MANIFEST_BYTES:
+        raise ManifestError(f"{source}: {len(text)} bytes, larger than the {MAX_MANIFEST_BYTES} "
+                            "a Kubernetes object may have")
+    try:
+        documents = [d for d in yaml.load_all(text, Loader=_ManifestLoader) if d is not None]
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ManifestError(f"{source}:{where}: invalid YAML: {problem}") from None
+    except RecursionError:
+        raise ManifestError(f"{source}: invalid YAML: nested too deeply") from None
+    if len(documents) != 1:
+        raise ManifestError(f"{source}: expected one YAML document, found {len(documents)}")
+    try:
+        return parse_manifest(documents[0])
+    except ManifestError as err:
+        raise ManifestError(f"{source}: {err}") from None
 
 
 def load_manifest(path: str | Path) -> BloomRun:
     """Read and validate a BloomRun manifest file (one YAML document)."""
     path = Path(path)
     try:
+        if path.stat().st_size > MAX_MANIFEST_BYTES:
+            raise ManifestError(f"{path}: {path.stat().st_size} bytes, larger than the {MAX_MANIFEST_BYTES} "
+                                "a Kubernetes object may have")
         text = path.read_text()
     except FileNotFoundError:
         raise ManifestError(f"{path}: no such file") from None
     except (OSError, UnicodeDecodeError) as err:
         raise ManifestError(f"{path}: cannot read: {err}") from None
-    try:
-        documents = [d for d in yaml.safe_load_all(text) if d is not None]
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ManifestError(f"{path}:{where}: invalid YAML: {problem}") from None
-    if len(documents) != 1:
-        raise ManifestError(f"{path}: expected one YAML document, found {len(documents)}")
-    try:
-        return parse_manifest(documents[0])
-    except ManifestError as err:
-        raise ManifestError(f"{path}: {err}") from None
+    return load_manifest_text(text, str(path))

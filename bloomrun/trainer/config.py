@@ -19,6 +19,13 @@ from pydantic.alias_generators import to_camel
 
 VOCAB_PAD_MULTIPLE = 128  # BLOOM pads the vocabulary so the embedding GEMMs tile evenly
 
+# Upper bounds where a value has a physical meaning, far above any real run (BLOOM: 366B tokens,
+# batch 2048, ~100k steps) and below 2**53, the largest integer JSON carries exactly (the API
+# server refuses a larger one as a float).
+MAX_TOKENS = 10**15
+MAX_STEPS = 10**9
+MAX_GLOBAL_BATCH = 2**24
+
 
 class Section(BaseModel):
     """Base for every config section: camelCase keys, no unknown keys, validated defaults."""
@@ -118,20 +125,20 @@ class ModelConfig(Section):
 
 
 class DataSource(Section):
-    path: str = Field(min_length=1)
+    path: str = Field(min_length=1, max_length=4096)
     """Path prefix of a Megatron-DeepSpeed MMapIndexedDataset (PREFIX.bin and PREFIX.idx)."""
-    weight: float = Field(default=1.0, gt=0)
+    weight: float = Field(default=1.0, gt=0, le=1e6)
     """Relative share of training samples drawn from this corpus."""
-    name: str | None = None
+    name: str | None = Field(default=None, min_length=1, max_length=253)
     """Label for logs and metrics (defaults to the file name)."""
 
 
 class DataConfig(Section):
-    sources: list[DataSource] = Field(min_length=1)
+    sources: list[DataSource] = Field(min_length=1, max_length=1024)
     """The corpora to blend, by weight (the paper's corpus ablations)."""
-    tokenizer: str | None = None
+    tokenizer: str | None = Field(default=None, min_length=1, max_length=4096)
     """Hugging Face tokenizers JSON file the data was prepared with (checked against vocabSize)."""
-    seed: int = 1234
+    seed: int = Field(default=1234, ge=0, le=2**32 - 1)
     """Seed of the sample order; the same seed gives the same batches on any world size."""
 
 
@@ -139,25 +146,31 @@ class DataConfig(Section):
 
 
 class OptimConfig(Section):
-    lr: float = Field(default=2e-4, gt=0)
+    lr: float = Field(default=2e-4, gt=0, le=1)
     """Peak learning rate (the paper's ablations: 2e-4)."""
-    min_lr: float = Field(default=1e-5, ge=0)
+    min_lr: float = Field(default=1e-5, ge=0, le=1)
     """Learning rate at the end of the cosine decay."""
-    warmup_tokens: int = Field(default=375_000_000, ge=0)
+    warmup_tokens: int = Field(default=375_000_000, ge=0, le=MAX_TOKENS)
     """Linear warmup length in tokens (the paper: 375M)."""
-    decay_tokens: int | None = Field(default=None, ge=1)
+    decay_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS)
     """Cosine decay length in tokens; defaults to the whole run."""
     beta1: float = Field(default=0.9, ge=0, lt=1)
     beta2: float = Field(default=0.999, ge=0, lt=1)
-    eps: float = Field(default=1e-8, gt=0)
-    weight_decay: float = Field(default=0.1, ge=0)
-    grad_clip: float = Field(default=1.0, ge=0)
+    eps: float = Field(default=1e-8, gt=0, le=1)
+    weight_decay: float = Field(default=0.1, ge=0, le=10)
+    grad_clip: float = Field(default=1.0, ge=0, le=1e6)
     """Global gradient-norm clip; 0 disables it."""
 
     @model_validator(mode="after")
     def _check_lr(self) -> "OptimConfig":
         if self.min_lr > self.lr:
             raise ValueError(f"minLr ({self.min_lr}) must not exceed lr ({self.lr})")
+        if (self.decay_tokens is not None and "warmup_tokens" in self.model_fields_set
+                and self.decay_tokens < self.warmup_tokens):
+            # Megatron's decay counts from token 0, warmup included (schedule.learning_rate).
+            # As with the run's length (BloomRunSpec), only a warmup given is held against it.
+            raise ValueError(f"decayTokens ({self.decay_tokens}) must not be shorter than "
+                             f"warmupTokens ({self.warmup_tokens}): the decay counts from token 0")
         return self
 
 
@@ -165,37 +178,37 @@ class OptimConfig(Section):
 
 
 class RampUp(Section):
-    start: int = Field(ge=1)
+    start: int = Field(ge=1, le=MAX_GLOBAL_BATCH)
     """Global batch size (sequences) at the start of training (the paper: 32)."""
-    increment: int = Field(ge=1)
+    increment: int = Field(ge=1, le=MAX_GLOBAL_BATCH)
     """Sequences added at each ramp stage."""
-    samples: int = Field(ge=1)
+    samples: int = Field(ge=1, le=MAX_TOKENS)
     """Samples over which the batch grows to globalBatchSize (the paper: 2M)."""
 
 
 class NanPolicy(Section):
-    max_consecutive_bad_steps: int = Field(default=3, ge=1)
+    max_consecutive_bad_steps: int = Field(default=3, ge=1, le=1000)
     """Non-finite steps in a row (each skipped) before rolling back to the last good checkpoint."""
-    skip_steps_after_rollback: int = Field(default=1, ge=0)
+    skip_steps_after_rollback: int = Field(default=1, ge=0, le=1_000_000)
     """Batches skipped past the offending range after a rollback (BLOOM's manual remedy)."""
 
 
 class TrainingConfig(Section):
-    global_batch_size: int = Field(default=512, ge=1)
+    global_batch_size: int = Field(default=512, ge=1, le=MAX_GLOBAL_BATCH)
     """Sequences per optimiser step, across all data-parallel ranks."""
-    micro_batch_size: int = Field(default=4, ge=1)
+    micro_batch_size: int = Field(default=4, ge=1, le=65536)
     """Sequences per rank per forward pass; the rest is gradient accumulation."""
     rampup: RampUp | None = None
     """Batch-size ramp-up (optional)."""
-    train_tokens: int | None = Field(default=None, ge=1)
+    train_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS)
     """Tokens to train on (the paper: 112B per corpus ablation); or give trainSteps."""
-    train_steps: int | None = Field(default=None, ge=1)
+    train_steps: int | None = Field(default=None, ge=1, le=MAX_STEPS)
     """Optimiser steps to run; or give trainTokens."""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     """auto means bf16 on a GPU and fp32 on the CPU."""
     zero_stage: int = Field(default=1, ge=0, le=3)
     """DeepSpeed ZeRO stage 0-3."""
-    seed: int = 1234
+    seed: int = Field(default=1234, ge=0, le=2**32 - 1)
     """Seed of the weight initialisation."""
     nan_policy: NanPolicy = NanPolicy()
     """What to do about non-finite losses and gradients."""
@@ -246,11 +259,11 @@ class CheckpointConfig(Section):
     dir: str | None = None
     """Where checkpoints live: the launcher's choice (bloomrun.trainer.resolve), the run's volume
     in a pod, runs/NAME/checkpoints for bloomctl run; a BloomRun manifest may not set it."""
-    every_steps: int | None = Field(default=1000, ge=1)
+    every_steps: int | None = Field(default=1000, ge=1, le=MAX_STEPS)
     """Save every N optimiser steps (null: only by time)."""
-    every_minutes: float | None = Field(default=None, gt=0)
+    every_minutes: float | None = Field(default=None, gt=0, le=525_600)
     """Save every M minutes as well (BLOOM saved about every 3 hours)."""
-    keep_last: int = Field(default=3, ge=1)
+    keep_last: int = Field(default=3, ge=1, le=10_000)
     """Complete checkpoints kept; older ones are deleted once a newer one is published."""
     init_from: InitFrom | None = None
     """Warm start from another run's checkpoint (a run never resumes another run's by itself)."""
@@ -259,7 +272,7 @@ class CheckpointConfig(Section):
 class MetricsConfig(Section):
     port: int = Field(default=9400, ge=0, le=65535)
     """Prometheus port each node's rank-0-local process serves on (0 picks a free port)."""
-    log_every: int = Field(default=1, ge=1)
+    log_every: int = Field(default=1, ge=1, le=MAX_STEPS)
     """Steps between log lines."""
 
 
