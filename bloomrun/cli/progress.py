@@ -1,12 +1,15 @@
-"""The progress display of `bloomctl run`, fed by scraping rank 0's Prometheus endpoint.
+"""The terminal display of `bloomctl run`: rank 0's Prometheus endpoint and its log lines
+feed one live progress line; the workers' other output is sorted from the trainer's own.
 
-Parsing and the ETA are pure (tested without a trainer); `ProgressDisplay` draws a rich
-progress bar on a terminal and plain lines elsewhere (CI logs, pipes).
+Parsing, sorting lines and the ETA are pure (tested without a trainer); `ProgressDisplay`
+draws the live line on a terminal and plain lines elsewhere (CI logs, pipes).
 """
 
 from __future__ import annotations
 
 import math
+import os
+import re
 import sys
 import time
 from collections import deque
@@ -14,8 +17,9 @@ from dataclasses import dataclass
 from typing import TextIO
 
 from prometheus_client.parser import text_string_to_metric_families
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+from rich.console import Console, ConsoleOptions, RenderResult
+from rich.live import Live
+from rich.text import Text
 
 
 @dataclass(frozen=True)
@@ -92,59 +96,142 @@ def describe(snapshot: Snapshot, eta: float | None) -> str:
     return f"loss {loss}  tokens/s {tps}  ETA {format_duration(eta)}"
 
 
-class ProgressDisplay:
-    """Worker log lines scroll above a progress bar on a terminal; elsewhere only the log
-    lines are printed (the trainer logs one line per step anyway)."""
+# ------------------------------------------------------------------- worker lines
 
-    def __init__(self, title: str, stream: TextIO = sys.stdout):
-        self.console = Console(file=stream, highlight=False, soft_wrap=True)
+# The trainer's log format (bloomrun/trainer/train.py): time, rank, level, logger, message.
+TRAINER_LINE = re.compile(
+    r"^\d{4}-\d\d-\d\d (\d\d:\d\d:\d\d),\d{3} \[rank \d+\] (\w+) (bloomrun[\w.]*): (.*)$")
+STEP_MESSAGE = re.compile(r"^step (\d+)/(\d+) \| loss (\S+) .*\| tokens/s (\S+)")
+
+
+@dataclass(frozen=True)
+class Line:
+    """One line of the workers' output, sorted."""
+
+    text: str
+    trainer: bool
+    """The trainer's own log line or refusal; the rest (DeepSpeed's op builds and warnings,
+    torchrun's agent, tracebacks of a stop) is shown only with --verbose or after a failure."""
+    short: str = ""
+    """How a terminal shows it: time and message, the level only when it is not INFO."""
+    snapshot: Snapshot | None = None
+    """The progress a step line carries."""
+
+
+def sort_line(text: str) -> Line:
+    if text.startswith("error: "):  # train.py's one-line refusals
+        return Line(text, True, text)
+    found = TRAINER_LINE.match(text)
+    if not found:
+        return Line(text, False, text)
+    clock, level, message = found[1], found[2], found[4]
+    short = f"{clock} {message}" if level == "INFO" else f"{clock} {level} {message}"
+    step = STEP_MESSAGE.match(message)
+    snapshot = None
+    if step:
+        snapshot = Snapshot(step=int(step[1]), target_steps=int(step[2]), loss=_number(step[3]),
+                            tokens_per_second=_number(step[4]))
+    return Line(text, True, short, snapshot)
+
+
+def _number(text: str) -> float | None:
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+# -------------------------------------------------------------------------- display
+
+
+class StatusLine:
+    """The live line: title, bar, step, loss, tokens/s, ETA, cut to the terminal's width
+    (a line the terminal wraps would break the redraw and leave copies of the bar)."""
+
+    BAR_MAX = 40
+    BAR_MIN = 10
+
+    def __init__(self, title: str):
+        self.title = title[:24]
+        self.step: int | None = None
+        self.total: int | None = None
+        self.info = "starting workers"
+
+    def text(self, width: int) -> Text:
+        counts = "" if self.step is None else f"step {self.step}/{self.total or '?'}"
+        fixed = len(self.title) + len(counts) + len(self.info) + 3
+        bar_width = min(self.BAR_MAX, width - fixed)
+        line = Text(self.title, style="bold")
+        if self.step is not None and self.total and bar_width >= self.BAR_MIN:
+            done = round(bar_width * min(self.step, self.total) / self.total)
+            line.append(" ").append("━" * done, style="magenta").append("━" * (bar_width - done), style="grey23")
+        for part in (counts, self.info):
+            if part:
+                line.append(" " + part)
+        line.truncate(max(width, 1), overflow="ellipsis")
+        return line
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        yield self.text(options.max_width)
+
+
+class ProgressDisplay:
+    """On a terminal: the trainer's lines, shortened to fit, scroll above one live status
+    line. Elsewhere: the trainer's lines as they are. Other worker output only when verbose."""
+
+    def __init__(self, title: str, stream: TextIO = sys.stdout, verbose: bool = False):
+        self.console = Console(file=stream, highlight=False, soft_wrap=False)
         self.interactive = self.console.is_terminal
+        self.verbose = verbose
         self.rate = StepRate()
         self.stream = stream
-        self.bar: Progress | None = None
-        self.task = None
-        if self.interactive:
-            self.bar = Progress(
-                TextColumn("[bold]{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[info]}"),
-                console=self.console,
-                transient=False,
-            )
-            self.task = self.bar.add_task(title, total=None, info="starting workers")
+        self.status = StatusLine(title)
+        self.last: Snapshot | None = None
+        self.hidden: deque[str] = deque(maxlen=80)
+        self.cwd = os.getcwd().rstrip(os.sep) + os.sep  # shown relative on a terminal
+        self.live = Live(self.status, console=self.console, refresh_per_second=4, transient=False,
+                         redirect_stdout=False, redirect_stderr=False) if self.interactive else None
 
     def __enter__(self) -> "ProgressDisplay":
-        if self.bar:
-            self.bar.start()
+        if self.live:
+            self.live.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.bar:
-            self.bar.stop()
+        if self.live:
+            self.live.stop()
 
-    def log(self, line: str) -> None:
-        if self.bar:
-            self.console.print(line, markup=False)
+    def worker_line(self, text: str) -> None:
+        """A line of torchrun's or a worker's output."""
+        line = sort_line(text)
+        if line.snapshot is not None:
+            self.update(line.snapshot)  # the bar never lags the step lines above it
+        if line.trainer or self.verbose:
+            self.log(line.short.replace(self.cwd, "") if self.interactive and line.trainer else text)
         else:
-            self.stream.write(line + "\n")
+            self.hidden.append(text)
+
+    def log(self, text: str) -> None:
+        """A line above the status line: on a terminal cut to its width, never wrapped."""
+        if self.interactive:
+            self.console.print(Text(text), no_wrap=True, overflow="ellipsis", crop=True)
+        else:
+            self.stream.write(text + "\n")
             self.stream.flush()
 
     def finish(self) -> None:
         """Training completed: the last scrape may predate the final steps."""
-        if self.bar is not None:
-            total = self.bar.tasks[0].total
-            if total:
-                self.bar.update(self.task, completed=total)
+        if self.status.total:
+            self.status.step = self.status.total
+            if self.live:
+                self.live.refresh()
 
     def update(self, snapshot: Snapshot, now: float | None = None) -> None:
         self.rate.observe(time.monotonic() if now is None else now, snapshot.step)
-        if self.bar is None:
-            return
+        self.last = snapshot
         eta = self.rate.eta_seconds(snapshot.step, snapshot.target_steps)
-        self.bar.update(
-            self.task,
-            completed=snapshot.step,
-            total=snapshot.target_steps,
-            info=describe(snapshot, eta),
-        )
+        self.status.step, self.status.total = snapshot.step, snapshot.target_steps or self.status.total
+        self.status.info = describe(snapshot, eta)
+        if self.live:
+            self.live.refresh()

@@ -3,12 +3,15 @@
 Everything about the manifest and the data is checked before a worker starts; then torchrun
 runs the trainer with the resolved config, and this process shows progress and forwards
 Ctrl-C/SIGTERM as SIGTERM, on which the trainer saves a checkpoint and exits. Running the
-same command again resumes from the newest complete checkpoint.
+same command again resumes from the newest complete checkpoint, or says at once that the
+run is complete. One trainer writes a run folder at a time: a second is refused, naming
+the first one's PID, and torchrun dies with this process however it is killed.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import queue
 import shutil
@@ -27,7 +30,7 @@ from pathlib import Path
 from bloomrun.cli import launch
 from bloomrun.cli.main import UserError
 from bloomrun.cli.progress import ProgressDisplay, parse_metrics
-from bloomrun.trainer import elastic
+from bloomrun.trainer import elastic, runlock
 
 SCRAPE_EVERY_S = 1.0
 
@@ -54,6 +57,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--max-restarts", type=int, default=3, help="worker-group restarts torchrun may do (default 3)"
     )
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show torchrun's and DeepSpeed's own output too (hidden unless a run fails)")
     parser.set_defaults(func=run)
 
 
@@ -65,17 +70,24 @@ class Launch:
     run_dir: Path
     config_path: Path
     metrics_url: str
+    checkpoint_dir: Path
+    target_steps: int
 
 
 def run(args: argparse.Namespace) -> int:
     plan = prepare(args, env=os.environ, cwd=Path.cwd())
-    return supervise(plan)
+    done = completed(plan)
+    if done is not None:
+        print(f"{plan.name}: already complete {done}", flush=True)
+        return 0
+    return supervise(plan, verbose=getattr(args, "verbose", False))
 
 
 def prepare(args: argparse.Namespace, env, cwd: Path) -> Launch:
     """Load and check the manifest and its data, write the resolved config: every user
     error surfaces here as a UserError, before any worker starts."""
     from bloomrun.trainer.resolve import config_yaml, resolve_config
+    from bloomrun.trainer.schedule import run_length
 
     manifest = Path(args.manifest)
     bloomrun = load(manifest)
@@ -86,6 +98,11 @@ def prepare(args: argparse.Namespace, env, cwd: Path) -> Launch:
                             checkpoint_dir=out / "checkpoints", runs_root=out.parent, metrics_port=metrics_port,
                             train_steps=args.steps)
     check_data(config, manifest)
+    # Before --fresh deletes anything: a live trainer's folder is left alone (the trainer
+    # takes the lock itself; this says so at once instead of after its start-up).
+    in_use = runlock.holder(Path(config.checkpoint.dir))
+    if in_use is not None:
+        raise UserError(runlock.refusal(Path(config.checkpoint.dir), in_use))
 
     if args.fresh and (out / "checkpoints").exists():
         shutil.rmtree(out / "checkpoints")
@@ -99,7 +116,9 @@ def prepare(args: argparse.Namespace, env, cwd: Path) -> Launch:
         launcher=(sys.executable, "-m", "torch.distributed.run"), log_dir=str(cache / "torchrun")))
     worker_env = launch.build_worker_env(env, cache=cache, nproc=args.nproc, num_cpus=usable_cpus(),
                                          run_name=name, metrics_port_file=out / "metrics-port")
-    return Launch(name, command, worker_env, out, config_path, f"http://127.0.0.1:{metrics_port}/metrics")
+    target_steps, _tokens = run_length(config.training, config.model.shape().seq_length)
+    return Launch(name, command, worker_env, out, config_path, f"http://127.0.0.1:{metrics_port}/metrics",
+                  Path(config.checkpoint.dir), target_steps)
 
 
 def load(manifest: Path):
@@ -130,18 +149,50 @@ def usable_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def completed(plan: Launch) -> str | None:
+    """'at step 300 (loss 1.4492, 307,200 tokens)' when the newest checkpoint reached the
+    run's length, else None (then torchrun starts)."""
+    newest = newest_checkpoint(plan.checkpoint_dir)
+    return describe_checkpoint(newest) if newest and newest.get("step", -1) >= plan.target_steps else None
+
+
+def newest_checkpoint(root: Path) -> dict | None:
+    """The metadata of the newest published checkpoint. checkpoint.py's rule, read without
+    importing torch (seconds here) so that a finished run answers at once: a step folder
+    counts once its metadata.json exists. Its checksums are the trainer's to verify when it
+    loads one; this only decides whether to start it."""
+    steps = sorted((int(folder.name[5:]), folder) for folder in root.glob("step-*") if folder.name[5:].isdigit())
+    for _step, folder in reversed(steps):
+        try:
+            return json.loads((folder / "metadata.json").read_text())
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def describe_checkpoint(meta: dict, loss: float | None = None) -> str:
+    loss = meta.get("loss", loss)
+    parts = ([f"loss {loss:.4f}"] if loss is not None else []) + [f"{meta.get('tokens', 0):,} tokens"]
+    return f"at step {meta['step']} ({', '.join(parts)})"
+
+
+def shorter(path: Path) -> str:
+    """A path relative to the current folder when it is under it."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 # ------------------------------------------------------------------------ supervising
 
 
-def supervise(plan: Launch) -> int:
+def supervise(plan: Launch, verbose: bool = False) -> int:
     """Run torchrun, stream its output, show progress; return the training's exit code."""
-    print(
-        f"bloomctl run {plan.name}: {plan.run_dir}/ (config.yaml, checkpoints/), "
-        f"metrics {plan.metrics_url}",
-        flush=True,
-    )
     # Its own session: a terminal's Ctrl-C reaches only us, and we forward one SIGTERM, on
     # which torchrun stops its workers the way the trainer expects (checkpoint, exit 0).
+    # If we die without forwarding (SIGKILL, an OOM kill), the kernel sends torchrun that
+    # SIGTERM (runlock.die_with_parent; this is the main thread, which lives as long as we do).
     proc = subprocess.Popen(
         plan.command,
         env=plan.env,
@@ -151,12 +202,14 @@ def supervise(plan: Launch) -> int:
         errors="replace",
         bufsize=1,
         start_new_session=True,
+        preexec_fn=runlock.die_with_parent(signal.SIGTERM),
     )
     lines: queue.Queue[str | None] = queue.Queue()
     threading.Thread(target=pump, args=(proc.stdout, lines), daemon=True).start()
     stopper = Stopper(proc)
     try:
-        with stopper.installed(), ProgressDisplay(f"{plan.name}") as display:
+        with stopper.installed(), ProgressDisplay(plan.name, verbose=verbose) as display:
+            display.log(f"bloomctl run {plan.name}: {shorter(plan.run_dir)}/, metrics {plan.metrics_url}")
             stream(lines, display, plan.metrics_url)
             code = proc.wait()
             if code == 0 and stopper.signal is None:
@@ -167,7 +220,19 @@ def supervise(plan: Launch) -> int:
     if stopper.signal:
         print(f"stopped by {stopper.signal.name}; run the same command again to resume", flush=True)
         return 128 + stopper.signal.value
+    if code != 0:
+        if display.hidden and not verbose:
+            print(f"torchrun exited {code}; its last {len(display.hidden)} lines of other output:", flush=True)
+            print("\n".join(display.hidden), flush=True)
+        return code
+    print(summary(plan, display), flush=True)
     return code
+
+
+def summary(plan: Launch, display: ProgressDisplay) -> str:
+    newest = newest_checkpoint(plan.checkpoint_dir)
+    loss = display.last.loss if display.last else None
+    return f"{plan.name}: complete {describe_checkpoint(newest, loss)}" if newest else f"{plan.name}: complete"
 
 
 def pump(pipe, lines: queue.Queue) -> None:
@@ -187,7 +252,7 @@ def stream(lines: queue.Queue, display: ProgressDisplay, metrics_url: str) -> No
         if line is None:
             return
         if line:
-            display.log(line)
+            display.worker_line(line)
         if time.monotonic() >= next_scrape:
             next_scrape = time.monotonic() + SCRAPE_EVERY_S
             snapshot = scrape(metrics_url)

@@ -330,7 +330,8 @@ class Trainer:
         self.state.optimizer_steps = parallel.optimizer_steps(self.optimizer)
         extra = {"world_size": self.world.world_size, "zero_stage": parallel.zero_stage(self.cfg, self.world),
                  "run": self.identity.to_dict(), "compatibility": self.compatibility,
-                 "init_from": self.warm_started_from}
+                 "init_from": self.warm_started_from,
+                 "loss": self._last_progress[0]}  # rank 0's last step loss: bloomctl's summary
         path = ckpt.save(self.checkpoint_dir, self.state, self.engine, self.optimizer, self.world,
                          self.cfg.checkpoint.keep_last, extra)
         seconds = time.perf_counter() - start

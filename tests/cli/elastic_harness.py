@@ -38,6 +38,7 @@ def tiny_manifest(tmp: Path, *, steps: int, every: int, name: str = "tiny") -> P
         source["path"] = str(DEMO_DATA / Path(source["path"]).name)
     spec["training"]["trainSteps"] = steps
     spec["checkpoint"]["everySteps"] = every
+    spec["metrics"]["logEvery"] = 1  # the tests read every step's log line
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(document))
     return path
