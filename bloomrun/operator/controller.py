@@ -24,9 +24,9 @@ from typing import Callable
 
 from bloomrun.operator import reconcile as planner
 from bloomrun.operator.desired import Run
-from bloomrun.operator.kube import ApiError, Conflict, Kube, NamespaceTerminating
+from bloomrun.operator.kube import ApiError, Conflict, ForeignObject, Kube, NamespaceTerminating
 from bloomrun.operator.metrics import OperatorMetrics
-from bloomrun.operator.reconcile import PodView
+from bloomrun.operator.reconcile import FOREIGN_CHILD, INVALID_SPEC, PodView
 from bloomrun.operator.spec import BloomRunStatus, ManifestError
 
 log = logging.getLogger(__name__)
@@ -167,8 +167,12 @@ class Controller:
         plan = planner.plan(run, status, pods, now, known_nodes=nodes, observed_infra=infra)
 
         if plan.infra:
-            for obj in plan.infra.objects:
-                self.kube.apply(obj)
+            try:
+                for obj in plan.infra.objects:
+                    self.kube.apply_owned(obj, run.uid)
+            except ForeignObject as err:
+                self._refuse(body, status, str(err), now, reason=FOREIGN_CHILD)
+                return
         if plan.status_changed:
             try:
                 self.kube.patch_run_status(namespace, name, body["metadata"]["resourceVersion"],
@@ -205,19 +209,21 @@ class Controller:
                 nodes = nodes | {pod.node_name}
         return nodes
 
-    def _refuse(self, body: dict, status: BloomRunStatus, message: str, now: datetime) -> None:
-        """A stored spec the pydantic checks reject: Failed with the reason, no children."""
+    def _refuse(self, body: dict, status: BloomRunStatus, message: str, now: datetime,
+                reason: str = INVALID_SPEC) -> None:
+        """A stored spec the pydantic checks reject, or a child whose name is taken by an
+        object of someone else's: Failed with the reason, and nothing more created."""
         meta = body["metadata"]
         if status.phase == "Failed" and status.message == message:
             return
-        refused = planner.refuse_invalid_spec(status, message, meta.get("generation", 1), now)
+        refused = planner.refuse(status, message, reason, meta.get("generation", 1), now)
         try:
             self.kube.patch_run_status(meta["namespace"], meta["name"], meta["resourceVersion"], status_patch(refused))
         except Conflict:
             self.requeue(meta["namespace"], meta["name"], CONFLICT_RETRY_S)
             return
-        self.kube.post_event(body, "Warning", "InvalidSpec", message)
-        log.warning("%s/%s: invalid spec: %s", meta["namespace"], meta["name"], message)
+        self.kube.post_event(body, "Warning", reason, message)
+        log.warning("%s/%s: %s: %s", meta["namespace"], meta["name"], reason, message)
 
     def requeue(self, namespace: str, name: str, delay: float) -> None:
         """Reconcile again after `delay` (backoff ends, conflicts, event bursts), or sooner if

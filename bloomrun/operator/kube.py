@@ -58,6 +58,17 @@ class NamespaceTerminating(ApiError):
         return status == 403 and "because it is being terminated" in message
 
 
+class ForeignObject(Exception):
+    """A child's name is taken by an object this run does not control. Never adopted: the
+    force of server-side apply and our owner reference would let a run take over (or get
+    garbage-collected with it) a ServiceAccount, Role or ConfigMap of someone else's."""
+
+    def __init__(self, kind: str, namespace: str, name: str):
+        super().__init__(f"{kind} {namespace}/{name} exists and is not this run's; delete or rename it, "
+                         "or rename the run")
+        self.kind, self.name = kind, name
+
+
 def object_path(kind: str, namespace: str, name: str | None = None) -> str:
     prefix, plural = PATHS[kind]
     path = f"{prefix}/namespaces/{namespace}/{plural}"
@@ -136,6 +147,21 @@ class Kube:
         self.request("PATCH", object_path(obj["kind"], meta["namespace"], meta["name"]), obj,
                      query={"fieldManager": FIELD_MANAGER, "force": "true"},
                      content_type="application/apply-patch+yaml")
+
+    def apply_owned(self, obj: dict, owner_uid: str) -> None:
+        """Create the child; when its name is taken, apply it only if this run (uid) already
+        controls it, else raise ForeignObject and leave the object untouched."""
+        meta = obj["metadata"]
+        try:
+            self.request("POST", object_path(obj["kind"], meta["namespace"]), obj)
+            return
+        except Conflict:  # AlreadyExists
+            pass
+        existing = self.request("GET", object_path(obj["kind"], meta["namespace"], meta["name"])) or {}
+        owners = existing.get("metadata", {}).get("ownerReferences") or []
+        if not any(ref.get("uid") == owner_uid and ref.get("controller") for ref in owners):
+            raise ForeignObject(obj["kind"], meta["namespace"], meta["name"])
+        self.apply(obj)
 
     def create_pod(self, manifest: dict) -> bool:
         """True if created, False if a pod of that name already exists."""

@@ -39,6 +39,7 @@ POD_LOST = "PodLost"  # gone without a failure the operator saw: deleted by hand
 RETRYABLE_CLASSES = {RETRYABLE_EXIT, OOM_KILLED, EVICTED, NODE_LOST, UNKNOWN, POD_LOST}
 BUDGET_SPENT = "GPUHourBudgetSpent"
 INVALID_SPEC = "InvalidSpec"
+FOREIGN_CHILD = "ForeignChild"  # a child's name is taken by an object this run does not control
 
 
 def rfc3339(moment: datetime) -> str:
@@ -248,8 +249,9 @@ def _apply_infrastructure(d: Draft, observed: set[tuple[str, str]] | None) -> No
 
 
 def _reopen_fixed_spec(d: Draft) -> None:
-    """A run refused for an invalid spec starts over once the spec passes; others that ended stay ended."""
-    if d.status.phase == "Failed" and _reason_of(d.status, "Failed") == INVALID_SPEC:
+    """A run refused for an invalid spec or a taken child name starts over (the spec may pass
+    now, the foreign object may be gone: the controller checks again); others that ended stay ended."""
+    if d.status.phase == "Failed" and _reason_of(d.status, "Failed") in (INVALID_SPEC, FOREIGN_CHILD):
         d.status.phase, d.status.completion_time = None, None
     d.terminal = d.status.phase in ("Succeeded", "Failed")
 
@@ -499,10 +501,11 @@ def _material_change(before: dict, after: dict, now: datetime, old: BloomRunStat
     return since is None or (now - since).total_seconds() >= GPU_HOURS_WRITE_EVERY_S
 
 
-def refuse_invalid_spec(status: BloomRunStatus, message: str, generation: int, now: datetime) -> BloomRunStatus:
-    """The status of a run whose stored spec fails validation: Failed, naming the field."""
+def refuse(status: BloomRunStatus, message: str, reason: str, generation: int, now: datetime) -> BloomRunStatus:
+    """The status of a run that cannot proceed as specified (a stored spec that fails
+    validation, a child name taken by a foreign object): Failed, with the reason."""
     new = status.model_copy(deep=True)
     stamp = rfc3339(now)
     new.phase, new.message, new.observed_generation = "Failed", message, generation
-    new.conditions = set_condition(new.conditions, C.FAILED, True, INVALID_SPEC, message, generation, stamp)
+    new.conditions = set_condition(new.conditions, C.FAILED, True, reason, message, generation, stamp)
     return new

@@ -7,7 +7,7 @@ import kopf
 
 from bloomrun.operator import desired
 from bloomrun.operator.controller import Controller
-from bloomrun.operator.kube import Conflict, NamespaceTerminating
+from bloomrun.operator.kube import Conflict, ForeignObject, NamespaceTerminating
 from bloomrun.operator.metrics import OperatorMetrics
 from bloomrun.operator.reconcile import PodView
 
@@ -21,7 +21,7 @@ class FakeKube:
     def get_run(self, namespace, name):
         return copy.deepcopy(self.body)
 
-    def apply(self, obj):
+    def apply_owned(self, obj, owner_uid):
         self.calls.append(("apply", obj["kind"]))
 
     def patch_run_status(self, namespace, name, resource_version, status):
@@ -106,7 +106,7 @@ def test_children_are_applied_again_only_when_the_watches_miss_one():
 
 def test_a_namespace_being_deleted_ends_the_reconcile_quietly():
     class Terminating(FakeKube):
-        def apply(self, obj):
+        def apply_owned(self, obj, owner_uid):
             raise NamespaceTerminating(403, "unable to create new content in namespace team-a "
                                             "because it is being terminated")
     kube = Terminating(run_body())
@@ -114,6 +114,21 @@ def test_a_namespace_being_deleted_ends_the_reconcile_quietly():
     assert kube.calls == []
     assert NamespaceTerminating.matches(403, "... because it is being terminated")
     assert not NamespaceTerminating.matches(403, 'pods is forbidden: User "x" cannot create')
+
+
+def test_a_child_name_taken_by_a_foreign_object_fails_the_run_and_creates_nothing():
+    class Taken(FakeKube):
+        def apply_owned(self, obj, owner_uid):
+            assert owner_uid == "uid-1"
+            if obj["kind"] == "ServiceAccount":
+                raise ForeignObject("ServiceAccount", "team-a", obj["metadata"]["name"])
+            super().apply_owned(obj, owner_uid)
+    kube = Taken(run_body())
+    controller_for(kube).reconcile("team-a", "ablation")
+    status = kube.body["status"]
+    assert status["phase"] == "Failed" and "ServiceAccount team-a/ablation-trainer exists" in status["message"]
+    assert [c["reason"] for c in status["conditions"] if c["type"] == "Failed"] == ["ForeignChild"]
+    assert not [c for c in kube.calls if c[0] in ("create", "delete")] and ("event", "ForeignChild") in kube.calls
 
 
 def test_exact_namespaces_turn_kopfs_cluster_wide_scanning_off():

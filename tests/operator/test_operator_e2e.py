@@ -115,6 +115,23 @@ def test_runs_sharing_a_checkpoint_claim_write_to_folders_of_their_own(runs, ope
     assert second_a.startswith(f"/checkpoints/{runs.namespace}/arm-a/")
 
 
+def test_a_run_named_after_an_existing_service_account_fails_without_touching_it(runs, operator):
+    """A user who may create BloomRuns must not get to run as, rewrite or garbage-collect an
+    object of someone else's by naming a run after it."""
+    nodes = runs.add_nodes(1)
+    runs.core.create_namespaced_service_account(runs.namespace, client.V1ServiceAccount(
+        metadata=client.V1ObjectMeta(name="taken-trainer", labels={"owner": "another-team"})))
+    runs.create(runs.manifest("taken", nodes, 1, 1))
+    status = runs.wait_phase("taken", "Failed")
+    assert "ServiceAccount" in status["message"] and "taken-trainer" in status["message"]
+    account = runs.core.read_namespaced_service_account("taken-trainer", runs.namespace)
+    assert not account.metadata.owner_references and account.metadata.labels == {"owner": "another-team"}
+    assert not runs.live_pods("taken")
+    # Once the name is free, the run goes ahead.
+    runs.core.delete_namespaced_service_account("taken-trainer", runs.namespace)
+    runs.wait_phase("taken", "Running", timeout=60)
+
+
 def test_a_retryable_failure_is_replaced_and_counted_once(runs, operator, cluster):
     nodes = runs.add_nodes(2)
     runs.create(runs.manifest("retry", nodes, 2, 2))

@@ -192,9 +192,9 @@ def test_pod_view_reads_kubelet_statuses():
 
 
 def test_an_invalid_spec_fails_the_run_until_it_is_fixed(run):
-    from bloomrun.operator.reconcile import refuse_invalid_spec
+    from bloomrun.operator.reconcile import INVALID_SPEC, refuse
 
-    status = refuse_invalid_spec(BloomRunStatus(), "spec.model: hiddenSize (66) must be divisible", 1, T0)
+    status = refuse(BloomRunStatus(), "spec.model: hiddenSize (66) must be divisible", INVALID_SPEC, 1, T0)
     assert status.phase == "Failed" and "hiddenSize" in status.message
     result, status = step(run, status, [])
     assert status.phase == "Pending" and len(result.creates) == 3
