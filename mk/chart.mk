@@ -5,6 +5,7 @@ CHART_DIR := charts/bloomrun-operator
 .PHONY: chart-crds chart-docs
 chart-crds: crds
 	cp crds/*.yaml $(CHART_DIR)/crds/
+	$(PY) -m bloomrun.operator.policy $(CHART_DIR)/files/trainer-status-validation.cel
 
 # The values table of docs/chart.md, from the `# --` comments of values.yaml.
 chart-docs:

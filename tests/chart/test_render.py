@@ -178,3 +178,16 @@ def test_should_take_image_pull_secrets_as_local_object_references():
     pod = only(render({"imagePullSecrets": [{"name": "regcred"}]}), "Deployment")["spec"]["template"]["spec"]
     assert pod["imagePullSecrets"] == [{"name": "regcred"}]
     assert "imagePullSecrets" in render_error({"imagePullSecrets": ["regcred"]})
+
+
+def test_should_keep_trainers_to_status_progress_with_the_generated_rule():
+    from bloomrun.operator.policy import CHART_FILE, status_expression
+
+    assert (REPO / CHART_FILE).read_text() == status_expression(), "run `make chart-crds`"
+    policy = only(render(), "ValidatingAdmissionPolicy")
+    assert policy["spec"]["validations"][0]["expression"].strip() == status_expression().strip()
+    assert "gpuHours" in status_expression() and ".progress" not in status_expression()
+    binding = only(render(), "ValidatingAdmissionPolicyBinding")
+    assert binding["spec"]["policyName"] == policy["metadata"]["name"]
+    assert binding["spec"]["validationActions"] == ["Deny"]
+    assert not of_kind(render({"trainerStatusPolicy": {"enabled": False}}), "ValidatingAdmissionPolicy")

@@ -361,6 +361,48 @@ def test_the_trainer_reports_progress_with_its_own_identity_only(runs, operator,
         assert err.value.code == 403
 
 
+def test_a_trainer_token_may_write_progress_and_nothing_else_of_the_status(runs, operator, cluster, tmp_path):
+    """The chart's admission policy (bloomrun/operator/policy.py): GPU-hours, restarts and
+    phase are what the operator decides from, so the trainer's account may not forge them."""
+    from tests.chart.helm import render
+
+    policy = [o for o in render() if o["kind"].startswith("ValidatingAdmissionPolicy")]
+    assert len(policy) == 2
+    policy_file = tmp_path / "policy.yaml"
+    policy_file.write_text(yaml.safe_dump_all(policy))
+    cluster.kubectl("apply", "-f", str(policy_file))
+    nodes = runs.add_nodes(1)
+    runs.create(runs.manifest("guarded", nodes, 1, 1))
+    runs.wait_phase("guarded", "Running")
+    kubeconfig = yaml.safe_load(open(cluster.token_kubeconfig(runs.namespace, "guarded-trainer")))
+    token = kubeconfig["users"][0]["user"]["token"]
+    path = f"/apis/{GROUP}/{VERSION}/namespaces/{runs.namespace}/{PLURAL}/guarded/status"
+    context = ssl.create_default_context(cafile=str(cluster.layout.pki.ca))
+
+    def patch(status: dict) -> int:
+        request = urllib.request.Request(cluster.server + path, method="PATCH", data=json.dumps({"status": status}).encode(),
+                                         headers={"Content-Type": "application/merge-patch+json",
+                                                  "Authorization": f"Bearer {token}"})
+        try:
+            with urllib.request.urlopen(request, context=context) as response:
+                return response.status
+        except urllib.error.HTTPError as err:
+            return err.code
+
+    forged = [{"gpuHours": {"used": 0.0, "accountedAt": "2030-01-01T00:00:00Z"}}, {"restarts": 5}, {"restartsByReason": {"oom-killed": 9}},
+              {"phase": "Succeeded"}, {"conditions": []}, {"handledFailures": ["x"]}]
+    # The policy takes effect within moments of being created: wait for the first refusal.
+    wait_for(lambda: patch(forged[0]) in (403, 422), 30, "the admission policy to refuse a forged status")
+    for status in forged:
+        assert patch(status) in (403, 422), status
+    assert patch({"progress": {"step": 7, "loss": 2.5}}) == 200
+    assert runs.status("guarded")["progress"]["step"] == 7
+    # The operator's own writes go on (it is not a trainer's account).
+    runs.patch_spec("guarded", {"restartPolicy": {"maxRestarts": 6}})
+    wait_for(lambda: runs.status("guarded").get("observedGeneration") == 2, 30, "the operator's status write")
+    cluster.kubectl("delete", "-f", str(policy_file), "--wait=false")
+
+
 def test_operator_metrics_are_served(runs, operator):
     nodes = runs.add_nodes(1)
     runs.create(runs.manifest("observed", nodes, 1, 1))
