@@ -47,9 +47,16 @@ def rfc3339(moment: datetime) -> str:
 
 
 def parse_time(text: str | None) -> datetime | None:
-    if not text:
+    """RFC 3339 as the operator writes it; None for absent or malformed text. Status is
+    writable by others (an admin's edit, a trainer before the admission policy): a bad
+    timestamp must cost at most that one value, never every reconcile of the run."""
+    if not text or not isinstance(text, str):
         return None
-    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)
 
 
 # ------------------------------------------------------------------------ observation

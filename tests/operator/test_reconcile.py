@@ -303,3 +303,13 @@ def test_a_pod_deleted_for_the_gpu_hour_budget_is_not_a_loss():
     assert status.stopping == "GPUHourBudgetSpent" and [d.uid for d in result.deletes] == ["uid-0"]
     _, status = step(run, status, [], now=T0 + timedelta(minutes=11))
     assert status.restarts == 0 and status.phase == "Succeeded"
+
+
+def test_malformed_timestamps_in_status_cost_only_that_value(run):
+    """Status is writable by others than the operator; a bad timestamp must not make every
+    reconcile of the run raise."""
+    status = BloomRunStatus.model_validate({
+        "phase": "Running", "backoffUntil": "soon", "startTime": "yesterday", "runningTime": "2026-13-45",
+        "gpuHours": {"used": 1.5, "accountedAt": "not a time"}, "infraAppliedAt": "??"})
+    result, status = step(run, status, [])
+    assert len(result.creates) == 3 and status.gpu_hours.used >= 1.5
