@@ -13,7 +13,7 @@ import re
 import sys
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TextIO
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -102,6 +102,7 @@ def describe(snapshot: Snapshot, eta: float | None) -> str:
 TRAINER_LINE = re.compile(
     r"^\d{4}-\d\d-\d\d (\d\d:\d\d:\d\d),\d{3} \[rank \d+\] (\w+) (bloomrun[\w.]*): (.*)$")
 STEP_MESSAGE = re.compile(r"^step (\d+)/(\d+) \| loss (\S+) .*\| tokens/s (\S+)")
+CHECKPOINT_MESSAGE = re.compile(r"^checkpoint step (\d+) saved ")
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,8 @@ class Line:
     """How a terminal shows it: time and message, the level only when it is not INFO."""
     snapshot: Snapshot | None = None
     """The progress a step line carries."""
+    step: int | None = None
+    """The step a step or checkpoint line names (between step lines, a SIGTERM's checkpoint)."""
 
 
 def sort_line(text: str) -> Line:
@@ -126,12 +129,12 @@ def sort_line(text: str) -> Line:
         return Line(text, False, text)
     clock, level, message = found[1], found[2], found[4]
     short = f"{clock} {message}" if level == "INFO" else f"{clock} {level} {message}"
-    step = STEP_MESSAGE.match(message)
-    snapshot = None
-    if step:
+    if step := STEP_MESSAGE.match(message):
         snapshot = Snapshot(step=int(step[1]), target_steps=int(step[2]), loss=_number(step[3]),
                             tokens_per_second=_number(step[4]))
-    return Line(text, True, short, snapshot)
+        return Line(text, True, short, snapshot, snapshot.step)
+    saved = CHECKPOINT_MESSAGE.match(message)
+    return Line(text, True, short, step=int(saved[1]) if saved else None)
 
 
 def _number(text: str) -> float | None:
@@ -173,7 +176,8 @@ class StatusLine:
         return line
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
-        yield self.text(options.max_width)
+        # Room for the terminal's own echo of ^C: at the last column it would wrap the line.
+        yield self.text(options.max_width - 3)
 
 
 class ProgressDisplay:
@@ -206,7 +210,9 @@ class ProgressDisplay:
         """A line of torchrun's or a worker's output."""
         line = sort_line(text)
         if line.snapshot is not None:
-            self.update(line.snapshot)  # the bar never lags the step lines above it
+            self.update(line.snapshot)  # the bar never lags the lines above it
+        elif line.step is not None and line.step > (self.status.step or 0):
+            self.status.step = line.step
         if line.trainer or self.verbose:
             self.log(line.short.replace(self.cwd, "") if self.interactive and line.trainer else text)
         else:
@@ -220,12 +226,17 @@ class ProgressDisplay:
             self.stream.write(text + "\n")
             self.stream.flush()
 
-    def finish(self) -> None:
-        """Training completed: the last scrape may predate the final steps."""
+    def finish(self, loss: float | None = None) -> None:
+        """Training completed: the last scrape may predate the final steps; `loss` is the
+        final one (from the last checkpoint), so the bar and the summary agree."""
         if self.status.total:
             self.status.step = self.status.total
-            if self.live:
-                self.live.refresh()
+        if self.last is not None:
+            self.last = replace(self.last, step=self.status.step or self.last.step,
+                                loss=self.last.loss if loss is None else loss)
+            self.status.info = describe(self.last, 0.0)
+        if self.live:
+            self.live.refresh()
 
     def update(self, snapshot: Snapshot, now: float | None = None) -> None:
         self.rate.observe(time.monotonic() if now is None else now, snapshot.step)

@@ -210,15 +210,17 @@ def supervise(plan: Launch, verbose: bool = False) -> int:
     try:
         with stopper.installed(), ProgressDisplay(plan.name, verbose=verbose) as display:
             display.log(f"bloomctl run {plan.name}: {shorter(plan.run_dir)}/, metrics {plan.metrics_url}")
-            stream(lines, display, plan.metrics_url)
+            stream(lines, display, plan.metrics_url, stopper)
             code = proc.wait()
-            if code == 0 and stopper.signal is None:
-                display.finish()  # the trainer exits 0 unasked only once training is complete
+            if code == 0 and stopper.signal is None:  # the trainer exits 0 unasked only once complete
+                display.finish((newest_checkpoint(plan.checkpoint_dir) or {}).get("loss"))
     finally:
         if proc.poll() is None:  # we failed ourselves: leave no orphaned workers behind
             kill_tree(proc.pid)
     if stopper.signal:
-        print(f"stopped by {stopper.signal.name}; run the same command again to resume", flush=True)
+        newest = newest_checkpoint(plan.checkpoint_dir)
+        where = f" at step {newest['step']} (checkpoint saved)" if newest else ""
+        print(f"{plan.name}: stopped by {stopper.signal.name}{where}; run the same command again to resume", flush=True)
         return 128 + stopper.signal.value
     if code != 0:
         if display.hidden and not verbose:
@@ -231,7 +233,7 @@ def supervise(plan: Launch, verbose: bool = False) -> int:
 
 def summary(plan: Launch, display: ProgressDisplay) -> str:
     newest = newest_checkpoint(plan.checkpoint_dir)
-    loss = display.last.loss if display.last else None
+    loss = display.last.loss if display.last else None  # older checkpoints carry none
     return f"{plan.name}: complete {describe_checkpoint(newest, loss)}" if newest else f"{plan.name}: complete"
 
 
@@ -241,7 +243,7 @@ def pump(pipe, lines: queue.Queue) -> None:
     lines.put(None)
 
 
-def stream(lines: queue.Queue, display: ProgressDisplay, metrics_url: str) -> None:
+def stream(lines: queue.Queue, display: ProgressDisplay, metrics_url: str, stopper: Stopper | None = None) -> None:
     """Print worker lines as they come and refresh the bar every SCRAPE_EVERY_S, until EOF."""
     next_scrape = 0.0
     while True:
@@ -251,6 +253,8 @@ def stream(lines: queue.Queue, display: ProgressDisplay, metrics_url: str) -> No
             line = ""
         if line is None:
             return
+        if stopper is not None and (notice := stopper.notice()):
+            display.log(notice)
         if line:
             display.worker_line(line)
         if time.monotonic() >= next_scrape:
@@ -275,11 +279,19 @@ class Stopper:
     def __init__(self, proc: subprocess.Popen):
         self.proc = proc
         self.signal: signal.Signals | None = None
+        self.announced = False
+
+    def notice(self) -> str | None:
+        """The line to show once a stop began. Shown by the main loop, not the handler: a
+        print from a signal handler lands in the middle of the status line."""
+        if self.signal is None or self.announced:
+            return None
+        self.announced = True
+        return "stopping: the trainer saves a checkpoint (Ctrl-C again to kill)"
 
     def handle(self, signum, _frame) -> None:
         if self.signal is None:
             self.signal = signal.Signals(signum)
-            print("stopping: the trainer saves a checkpoint (Ctrl-C again to kill)", file=sys.stderr, flush=True)
             self.proc.send_signal(signal.SIGTERM)
         else:
             kill_tree(self.proc.pid)

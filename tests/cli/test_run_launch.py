@@ -2,8 +2,10 @@
 with the operator), the workers' environment, the resolved config (bloomrun.trainer.resolve),
 and the progress parsing. No process is started here."""
 
+import dataclasses
 import io
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -257,3 +259,91 @@ def test_fresh_deletes_old_checkpoints_but_only_once_the_input_is_valid(tmp_path
     assert old.exists()
     prepare(prepare_args(elastic.REPO_ROOT / "examples" / "tiny.yaml", fresh=True), env={}, cwd=tmp_path)
     assert not old.exists()
+
+
+# ------------------------------------------------------------------ terminal display
+
+TRAINER = "2026-12-01 05:43:27,101 [rank 0] {level} bloomrun.trainer: {message}"
+STEP = "step 50/300 | loss 3.2650 | grad_norm 0.458 | lr 2.924e-03 | tokens/s 16266 | TFLOP/s 0.01 | MFU n/a | mem 0.96 GB"
+
+
+def test_trainer_lines_are_sorted_from_deepspeeds_and_torchruns_own_output():
+    from bloomrun.cli.progress import sort_line
+
+    step = sort_line(TRAINER.format(level="INFO", message=STEP))
+    assert step.trainer and step.short == f"05:43:27 {STEP}"
+    assert step.snapshot == Snapshot(step=50, target_steps=300, loss=3.265, tokens_per_second=16266.0)
+    warning = sort_line(TRAINER.format(level="WARNING", message="SIGTERM: checkpoint at step 52 saved, stopping"))
+    assert warning.short == "05:43:27 WARNING SIGTERM: checkpoint at step 52 saved, stopping"
+    saved = sort_line(TRAINER.format(level="INFO", message="checkpoint step 52 saved to x in 0.1 s"))
+    assert saved.step == 52 and saved.snapshot is None
+    assert sort_line("error: /x/checkpoints is in use by another trainer (pid 7 on host h since ...)").trainer
+    for noise in (
+        "DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully",
+        "[2026-12-01 05:40:17,101] [WARNING] [engine.py:2304:_do_optimizer_sanity_check] **** You are using "
+        "ZeRO with an untested optimizer, proceed with caution *****",
+        "W1201 05:40:17.123000 123 torch/distributed/run.py:766] Setting OMP_NUM_THREADS ...",
+        "Traceback (most recent call last):",
+        "2026-12-01 05:43:27,101 [rank 0] INFO torch.distributed.distributed_c10d: Added key: store_based_barrier",
+    ):
+        assert not sort_line(noise).trainer, noise
+
+
+def test_other_output_is_hidden_unless_verbose_and_kept_for_a_failure():
+    out = io.StringIO()
+    with ProgressDisplay("tiny", stream=out) as display:
+        display.worker_line("DeepSpeed op built successfully")
+        display.worker_line(TRAINER.format(level="INFO", message=STEP))
+    assert out.getvalue() == TRAINER.format(level="INFO", message=STEP) + "\n"  # as written, off a terminal
+    assert list(display.hidden) == ["DeepSpeed op built successfully"]
+    out = io.StringIO()
+    with ProgressDisplay("tiny", stream=out, verbose=True) as display:
+        display.worker_line("DeepSpeed op built successfully")
+    assert out.getvalue() == "DeepSpeed op built successfully\n"
+
+
+@pytest.mark.parametrize("width", [30, 80, 160])
+def test_the_status_line_never_exceeds_the_width(width):
+    from bloomrun.cli.progress import StatusLine
+
+    line = StatusLine("a-run-with-a-rather-long-name-indeed")
+    assert len(line.text(width)) <= width
+    line.step, line.total, line.info = 123456, 1000000, "loss 3.2500  tokens/s 1,234,567  ETA 123:45:00"
+    text = line.text(width)
+    assert len(text) <= width and (width < 80 or "step 123456/1000000" in text.plain)
+
+
+def test_a_terminal_shows_the_trainer_lines_short_and_cut_to_its_width():
+    out = Terminal()
+    display = ProgressDisplay("tiny", stream=out)
+    display.console.width = 40
+    with display:
+        display.worker_line(TRAINER.format(level="INFO", message=STEP))
+    plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", out.getvalue())  # the cursor moves
+    shown = [line for line in plain.splitlines() if "step 50/300 |" in line]
+    assert shown and all(len(line.rstrip()) <= 40 and line.rstrip().endswith("…") for line in shown)
+    assert display.status.step == 50 and display.status.total == 300  # the bar follows the line at once
+
+
+# ------------------------------------------------------------------ a finished run
+
+
+def finished_run(tmp_path, step: int, meta: dict | None = None):
+    import json
+
+    from bloomrun.cli.run import Launch
+
+    folder = tmp_path / "checkpoints" / f"step-{step:08d}"
+    folder.mkdir(parents=True)
+    (folder / "metadata.json").write_text(json.dumps({"step": step, "tokens": step * 1024, **(meta or {})}))
+    (tmp_path / "checkpoints" / f"step-{step + 50:08d}").mkdir()  # a newer one, never completed
+    return Launch("tiny", [], {}, tmp_path, tmp_path / "config.yaml", "", tmp_path / "checkpoints", 300)
+
+
+def test_a_run_whose_newest_complete_checkpoint_reached_its_length_is_complete(tmp_path):
+    from bloomrun.cli.run import completed
+
+    assert completed(finished_run(tmp_path / "a", 300, {"loss": 1.44921})) == "at step 300 (loss 1.4492, 307,200 tokens)"
+    assert completed(finished_run(tmp_path / "b", 300)) == "at step 300 (307,200 tokens)"  # older checkpoints
+    assert completed(finished_run(tmp_path / "c", 250)) is None
+    assert completed(dataclasses.replace(finished_run(tmp_path / "d", 300), checkpoint_dir=tmp_path / "none")) is None
