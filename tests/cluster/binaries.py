@@ -33,3 +33,28 @@ def ensure_built() -> Path:
     if missing:
         raise FileNotFoundError(f"{folder} lacks {', '.join(missing)}: run `make k8s`")
     return folder
+
+
+NODE_NAMES = ("kubelet", "pause", "probe", "containerd", "containerd-shim-runc-v2", "ctr",
+              "runc", "cni/bridge", "cni/host-local", "cni/loopback")
+
+
+def node_bin_dir() -> Path:
+    """The real nodes' cache folder (tools/k8s/build-node.sh); BLOOMRUN_NODE_BIN overrides it."""
+    if override := os.environ.get("BLOOMRUN_NODE_BIN"):
+        return Path(override)
+    out = subprocess.run(["bash", str(TOOLS / "bindir.sh"), "node"], check=True,
+                         capture_output=True, text=True)
+    return Path(out.stdout.strip())
+
+
+def ensure_node_built() -> Path:
+    """The real nodes' binary folder, built first (as `make k8s` does) if incomplete."""
+    folder = node_bin_dir()
+    if not (folder / ".complete").exists() and "BLOOMRUN_NODE_BIN" not in os.environ:
+        print(f"building the real nodes' binaries into {folder} (once)", file=sys.stderr)
+        subprocess.run(["bash", str(TOOLS / "build-node.sh")], check=True)
+    missing = [name for name in NODE_NAMES if not (folder / name).exists()]
+    if missing:
+        raise FileNotFoundError(f"{folder} lacks {', '.join(missing)}: run `make k8s`")
+    return folder

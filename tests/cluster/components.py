@@ -71,6 +71,9 @@ def apiserver(layout: Layout, ports: Ports) -> list[str]:
         f"--service-cluster-ip-range={SERVICE_RANGE}",
         # No kubelet serves the `kubernetes` Service's endpoint on loopback anyway.
         "--endpoint-reconciler-type=none",
+        # Real nodes (real_nodes.py) have no DNS name the host resolves: logs and exec
+        # reach their kubelets by the node IP.
+        "--kubelet-preferred-address-types=InternalIP,Hostname",
         "--profiling=false", "--v=1",
     ]
 

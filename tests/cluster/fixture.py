@@ -24,3 +24,31 @@ def cluster(request) -> Cluster:
     running.stop(keep_state=keep_state, keep_logs=keep_logs)
     if keep_state or keep_logs:
         print(f"\ntest cluster logs kept in {running.layout.logs}", file=sys.stderr)
+
+
+@pytest.fixture(scope="session")
+def _real_nodes_session(request, cluster):
+    from tests.cluster.real_nodes import RealNodes
+
+    nodes = RealNodes(cluster, count=2)
+
+    def stop() -> None:
+        # Registered before start(): a start that fails halfway is undone too.
+        leftovers = nodes.stop()
+        if leftovers:
+            raise AssertionError("the real nodes left the host changed:\n" + "\n".join(leftovers))
+
+    request.addfinalizer(stop)
+    nodes.start()
+    print(f"\nreal nodes {', '.join(nodes.names)} Ready in {nodes.start_seconds:.1f} s",
+          file=sys.stderr)
+    return nodes
+
+
+@pytest.fixture
+def real_nodes(request, _real_nodes_session):
+    """Two real nodes (kubelet + containerd each) in pool `real`, started on first use for
+    the session; only for tests marked `pods` (docs/cluster.md, "Real nodes")."""
+    if request.node.get_closest_marker("pods") is None:
+        pytest.fail("the real_nodes fixture is for tests marked `pods`")
+    return _real_nodes_session

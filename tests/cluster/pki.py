@@ -75,9 +75,16 @@ def make_pki(folder: Path) -> Pki:
             f"subjectAltName={san}\nextendedKeyUsage=serverAuth\n"
             "keyUsage=critical,digitalSignature,keyEncipherment\n", folder)
     for name, (user, group) in CLIENTS.items():
-        subject = f"/CN={user}" + (f"/O={group}" if group else "")
-        _signed(name, subject, "extendedKeyUsage=clientAuth\n"
-                "keyUsage=critical,digitalSignature,keyEncipherment\n", folder)
+        add_client(Pki(folder), name, user, group)
     _key("sa.key", folder)
     _openssl("pkey", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=folder)
     return Pki(folder)
+
+
+def add_client(pki: Pki, name: str, user: str, group: str | None) -> tuple[Path, Path]:
+    """A client certificate and key for `user` (in `group`), signed by the cluster's CA;
+    the real nodes' kubelets get theirs this way (system:node:NAME in system:nodes)."""
+    subject = f"/CN={user}" + (f"/O={group}" if group else "")
+    _signed(name, subject, "extendedKeyUsage=clientAuth\n"
+            "keyUsage=critical,digitalSignature,keyEncipherment\n", pki.folder)
+    return pki.client(name)

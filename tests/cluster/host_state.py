@@ -1,0 +1,149 @@
+"""What real nodes change on the host, captured before they start and put back after.
+
+A kubelet sets kernel tunables at start (kernel.panic=10, kernel.panic_on_oops=1,
+vm.overcommit_memory=1, ...: pkg/kubelet/cm/container_manager_linux.go), the CNI bridge
+turns on net.ipv4.ip_forward and adds a bridge, containerd and the kubelet create cgroups
+and a few fixed paths (/var/log/containers, /run/containerd/s, ...). The test suite runs on
+a shared machine and CI runs right after, so everything is put back: `HostState.capture()`
+before the first node starts, `restore()` when the last one has stopped (and right after the
+kubelets start, to shorten the time kernel.panic_on_oops=1 is in force).
+"""
+
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+# Host paths containerd 1.6 and the kubelet write to whatever their configured folders:
+# the kubelet's container log symlinks, containerd's shim sockets, CNI's result cache.
+FIXED_PATHS = ("/var/log/containers", "/var/log/pods", "/run/containerd", "/var/lib/cni",
+               "/run/netns", "/var/run/netns", "/var/lib/kubelet", "/etc/cni", "/opt/cni")
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+# Counters and random values that change by themselves: not state anyone set.
+_VOLATILE = ("kernel.random.", "fs.dentry-state", "fs.file-nr", "fs.inode-", "kernel.ns_last_pid",
+             "fs.quota.", "kernel.pty.nr", "net.netfilter.nf_conntrack_count",
+             "kernel.sched_domain", "vm.stat", "net.ipv4.conf.", "net.ipv6.conf.",
+             "net.ipv4.neigh.", "net.ipv6.neigh.", "kernel.tainted", "fs.aio-nr",
+             "kernel.perf_event_max_sample_rate", "kernel.keys.maxkeys")
+
+
+def sysctls() -> dict[str, str]:
+    """Every readable, non-volatile sysctl (per-interface ones excluded: interfaces come and
+    go with the bridge)."""
+    values: dict[str, str] = {}
+    base = Path("/proc/sys")
+    for path in base.rglob("*"):
+        key = ".".join(path.relative_to(base).parts)
+        if key.startswith(_VOLATILE) or not path.is_file() or not os.access(path, os.R_OK):
+            continue
+        try:
+            values[key] = path.read_text().strip()
+        except OSError:
+            continue
+    return values
+
+
+def iptables_rules() -> str | None:
+    """iptables-save's rules without its timestamps, or None where iptables is absent."""
+    if shutil.which("iptables-save") is None:
+        return None
+    out = subprocess.run(["iptables-save"], capture_output=True, text=True).stdout
+    return "\n".join(line for line in out.splitlines() if not line.startswith("#"))
+
+
+def links() -> set[str]:
+    return set(os.listdir("/sys/class/net"))
+
+
+def top_cgroups() -> dict[str, set[str]]:
+    return {c.name: {d.name for d in c.iterdir() if d.is_dir()}
+            for c in CGROUP_ROOT.iterdir() if c.is_dir() and not c.is_symlink()}
+
+
+def mounts(under: tuple[str, ...]) -> set[str]:
+    """Mount points below `under` (only those: other programs on a shared machine mount
+    things too, and their mounts are none of ours)."""
+    points = {line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()}
+    return {p for p in points if any(p == u or p.startswith(u.rstrip("/") + "/") for u in under)}
+
+
+@dataclass
+class HostState:
+    sysctls: dict[str, str]
+    iptables: str | None
+    links: set[str]
+    cgroups: dict[str, set[str]]
+    paths: dict[str, bool]
+    mounts: set[str]
+    watched: tuple[str, ...]  # where mounts are looked for: FIXED_PATHS and the nodes' folder
+
+    @classmethod
+    def capture(cls, under: tuple[str, ...] = ()) -> "HostState":
+        watched = FIXED_PATHS + tuple(under)
+        return cls(sysctls(), iptables_rules(), links(), top_cgroups(),
+                   {p: os.path.lexists(p) for p in FIXED_PATHS}, mounts(watched), watched)
+
+    def again(self) -> "HostState":
+        """The host now, looked at the same way."""
+        return HostState.capture(self.watched[len(FIXED_PATHS):])
+
+    def differences(self, other: "HostState") -> list[str]:
+        """What `other` (captured later) changed, one line each; empty when nothing did."""
+        found = [f"sysctl {k}: {v!r} -> {other.sysctls.get(k)!r}"
+                 for k, v in self.sysctls.items() if other.sysctls.get(k, v) != v]
+        if self.iptables != other.iptables:
+            found.append("iptables rules changed")
+        found += [f"new network link {name}" for name in sorted(other.links - self.links)]
+        for controller, names in other.cgroups.items():
+            found += [f"new cgroup {controller}/{n}"
+                      for n in sorted(names - self.cgroups.get(controller, set()))]
+        found += [f"new path {p}" for p, there in self.paths.items()
+                  if not there and os.path.lexists(p)]
+        found += [f"new mount {m}" for m in sorted(other.mounts - self.mounts)]
+        return found
+
+    def restore(self, cgroup_prefix: str, link_prefix: str) -> list[str]:
+        """Puts back what the real nodes changed: sysctls, iptables, their bridges (links
+        named `link_prefix*`), cgroups named `cgroup_prefix*`,
+        mounts below new paths, fixed paths that did not exist. Returns what it could not."""
+        failures: list[str] = []
+        now = self.again()
+        for key, value in self.sysctls.items():
+            if now.sysctls.get(key, value) != value:
+                try:
+                    Path("/proc/sys", *key.split(".")).write_text(value)
+                except OSError as error:
+                    failures.append(f"sysctl {key}: {error}")
+        if self.iptables is not None and now.iptables != self.iptables:
+            subprocess.run(["iptables-restore"], input=self.iptables + "\n", text=True)
+        # Pods' veths go with their network namespaces; only the bridges stay behind.
+        for name in sorted(now.links - self.links):
+            if name.startswith(link_prefix):
+                subprocess.run(["ip", "link", "delete", name], capture_output=True)
+        for mount in sorted(now.mounts - self.mounts, key=len, reverse=True):
+            subprocess.run(["umount", "-l", mount], capture_output=True)
+        for controller, names in now.cgroups.items():
+            for name in names - self.cgroups.get(controller, set()):
+                if name.startswith(cgroup_prefix):
+                    failures += remove_cgroup_tree(CGROUP_ROOT / controller / name)
+        for path, there in self.paths.items():
+            if not there and os.path.lexists(path):
+                shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.unlink(path)
+        return failures
+
+
+def remove_cgroup_tree(top: Path) -> list[str]:
+    """rmdir's a cgroup and its children, deepest first (cgroup folders are removed with
+    rmdir, never by deleting their files)."""
+    failures = []
+    for folder in sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+        try:
+            folder.rmdir()
+        except OSError as error:
+            failures.append(f"cgroup {folder}: {error}")
+    try:
+        top.rmdir()
+    except OSError as error:
+        failures.append(f"cgroup {top}: {error}")
+    return failures
