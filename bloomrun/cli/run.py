@@ -171,7 +171,7 @@ def newest_checkpoint(root: Path) -> dict | None:
 
 
 def describe_checkpoint(meta: dict, loss: float | None = None) -> str:
-    loss = meta.get("loss", loss)
+    loss = loss if meta.get("loss") is None else meta["loss"]  # None: non-finite, or an older checkpoint
     parts = ([f"loss {loss:.4f}"] if loss is not None else []) + [f"{meta.get('tokens', 0):,} tokens"]
     return f"at step {meta['step']} ({', '.join(parts)})"
 
