@@ -10,7 +10,9 @@ helpers use it on machines that have neither.
 
 from __future__ import annotations
 
+import copy
 import datetime
+import functools
 import math
 import re
 from pathlib import Path
@@ -531,22 +533,23 @@ class ObjectMeta(BaseModel):
     model_config = ConfigDict(alias_generator=to_camel, extra="forbid")
 
     name: str = Field(min_length=1, max_length=MAX_RUN_NAME, pattern=RUN_NAME_PATTERN)
-    namespace: Annotated[str, Field(max_length=63, pattern=DNS_LABEL_PATTERN)] | None = None
+    namespace: Annotated[str, Field(max_length=63, pattern=r"^([a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)?$")] | None = None
+    """Empty or absent: the namespace the manifest is applied to."""
     labels: dict[QualifiedName, LabelValue] = {}
     annotations: dict[str, str] = {}
-    # Written by the API server or by controllers: known keys, so an object read back from the
-    # cluster parses; their content is the API server's to check.
-    generate_name: Any = None
-    uid: Any = None
-    resource_version: Any = None
-    generation: Any = None
-    creation_timestamp: Any = None
-    deletion_timestamp: Any = None
-    deletion_grace_period_seconds: Any = None
-    owner_references: Any = None
-    finalizers: Any = None
-    managed_fields: Any = None
-    self_link: Any = None
+    # Written by the API server or by controllers: known keys with their types, so an object
+    # read back from the cluster parses; what they may hold is the API server's to check.
+    generate_name: str | None = None
+    uid: str | None = None
+    resource_version: str | None = None
+    generation: int | None = None
+    creation_timestamp: str | None = None
+    deletion_timestamp: str | None = None
+    deletion_grace_period_seconds: int | None = None
+    owner_references: list[dict[str, Any]] | None = None
+    finalizers: list[str] | None = None
+    managed_fields: list[dict[str, Any]] | None = None
+    self_link: str | None = None
 
     @field_validator("annotations")
     @classmethod
@@ -632,13 +635,55 @@ def _json_key(key: Any, where: str) -> str:
     raise ManifestError(f"{where}: a key must be a string, got {type(key).__name__}")
 
 
+@functools.cache
+def _object_schema() -> dict:
+    from bloomrun.operator.crd import build_crd  # generated from this module
+
+    return build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+
+
+def prune_nulls(document: dict) -> dict:
+    """The document with the nulls the API server drops before validating: a null in a field
+    (or map value) the schema does not mark nullable means "absent" there (apiextensions'
+    PruneNonNullableNullsWithoutDefaults, then defaulting), and so it must offline too. In
+    metadata, a native type, a null known field is its zero value, the same as absent."""
+    document = copy.deepcopy(document)
+    _prune(document, _object_schema())
+    metadata = document.get("metadata")
+    if isinstance(metadata, dict):
+        known = {field.alias for field in ObjectMeta.model_fields.values()}
+        for key in [k for k, v in metadata.items() if v is None and k in known]:
+            del metadata[key]
+        for key in ("labels", "annotations"):  # Go's map[string]string reads null as ""
+            if isinstance(metadata.get(key), dict):
+                metadata[key] = {k: "" if v is None else v for k, v in metadata[key].items()}
+    return document
+
+
+def _prune(value, schema: dict) -> None:
+    if isinstance(value, dict):
+        for key in list(value):
+            child = schema.get("properties", {}).get(key)
+            if child is None and isinstance(schema.get("additionalProperties"), dict):
+                child = schema["additionalProperties"]
+            if child is None:
+                continue
+            if value[key] is None and not child.get("nullable"):
+                del value[key]
+            else:
+                _prune(value[key], child)
+    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
+        for item in value:
+            _prune(item, schema["items"])
+
+
 def parse_manifest(document: Any) -> BloomRun:
     """Validate a parsed YAML/JSON document as a BloomRun, as strictly as the API server does:
     no type coercion (pydantic's strict mode: "true" is no boolean, true no integer) and
     camelCase keys only (the snake_case spelling is an unknown field there)."""
     if not isinstance(document, dict):
         raise ManifestError(f"a BloomRun manifest is a mapping, got {type(document).__name__}")
-    document = as_sent(document)
+    document = prune_nulls(as_sent(document))
     api_version, kind = document.get("apiVersion"), document.get("kind")
     if kind != KIND:
         raise ManifestError(f"kind: expected {KIND!r}, got {kind!r}")
@@ -647,7 +692,8 @@ def parse_manifest(document: Any) -> BloomRun:
     try:
         return BloomRun.model_validate(document, strict=True, by_alias=True, by_name=False)
     except ValidationError as err:
-        raise ManifestError(format_validation_error(err)) from None
+        # One line, even where a key holds a newline (metadata.annotations."a\n").
+        raise ManifestError(format_validation_error(err).replace("\n", "\\n")) from None
 
 
 class _ManifestLoader(yaml.SafeLoader):

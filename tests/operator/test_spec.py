@@ -158,6 +158,10 @@ def test_what_the_api_server_refuses_is_refused_offline(document, expected):
          uid="u", resourceVersion="1", generation=1, creationTimestamp="2026-01-01T00:00:00Z"),
     manifest(optim={"warmupTokens": 20 * 8 * 64}),  # exactly the run
     manifest(training={"trainTokens": 1000}),  # the paper's default warmup is not held against a small run
+    # The API server drops a null where the schema has no nullable (then defaults it), and
+    # reads a null metadata field as its zero value.
+    manifest(gpusPerNode=None, env=None, pool={"nodeSelector": {"a": None}}),
+    meta(namespace="", labels={"a": None}, uid=None),
 ])
 def test_what_the_api_server_accepts_is_accepted_offline(document):
     parse_manifest(document)

@@ -1,14 +1,16 @@
-"""The API server refuses what `bloomctl validate` refuses, naming the field, and whatever
-it accepts never crashes the operator. Hypothesis mutates a valid manifest field by field."""
+"""`bloomctl validate` and the API server agree: what one refuses the other refuses, naming
+the field, and whatever the API server accepts never crashes the operator. Hypothesis mutates
+valid manifests (the examples and a small one) one field at a time."""
 
 from __future__ import annotations
 
 import copy
+import time
 import uuid
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from kubernetes import client
 
@@ -162,3 +164,211 @@ def test_generated_manifests_refused_offline_are_refused_by_the_api_server_and_n
     assert "Traceback" not in operator.child.log.read_text(), operator.child.log_tail(60)
     # Pydantic's lax mode accepts a few things the API server's types do not; none expected here.
     assert not disagreements, disagreements
+
+
+# ------------------------------------------------------------- agreement, both directions
+
+EXAMPLES = [yaml.safe_load((REPO / name).read_text()) for name in ("examples/tiny.yaml", "examples/ablation-1b3-alibi.yaml")]
+NAMESPACE = "<the test's namespace>"  # a placeholder: another valid namespace is refused as a mismatch
+DELETE = object()  # the mutation that removes the field
+
+
+def ints(low: int, high: int):
+    """Integers in and around [low, high], and magnitudes JSON carries only as floats."""
+    return st.one_of(st.integers(low, high), st.integers(low - 2, low + 1), st.integers(high - 1, high + 2),
+                     st.sampled_from([2**53, 2**63, -(2**63), 10**20]))
+
+
+def floats(low: float, high: float):
+    return st.one_of(st.floats(low, high), st.sampled_from([low, high, high * 1.5, -1.0, 0.0, 1e300]),
+                     st.sampled_from([float("inf"), float("-inf"), float("nan")]))
+
+
+# Values of the wrong type for any field: strings that look like numbers or booleans,
+# booleans for integers, integral floats (which kubectl sends as integers), null, containers.
+JUNK = st.one_of(
+    st.sampled_from(["true", "false", "1", "1e3", "", "yes", True, False, None, 1, 0, 1.0, 2.5, -1, [], {}, [1], {"a": 1}]),
+)
+SIZE = st.from_regex(r"[+-]?[0-9.]{0,3}[eEinumkKMGTP]{0,2}[-+]?[0-9]{0,2}", fullmatch=True)
+QUANTITY = st.one_of(SIZE, st.sampled_from(["4", "100Gi", "500m", "1.5", ".5", "5.", "1e3", "1E-3", "1K", "1Ki",
+                                            "1.5.5", "lots", "-1", "+1", "1" * 65]),
+                     ints(0, 2**53 - 1), floats(0, 10))
+NAME_PART = r"[A-Za-z0-9._-]{0,5}"
+LABEL_KEY = st.one_of(st.from_regex(rf"([a-zA-Z0-9.-]{{0,6}}/)?{NAME_PART}", fullmatch=True),
+                      st.sampled_from(["app.kubernetes.io/name", "a" * 63, "a" * 64, "b" * 253 + "/x", "b" * 254 + "/x",
+                                       "a\n", "é", "Example.com/x"]))
+LABEL_VALUE = st.one_of(st.from_regex(NAME_PART, fullmatch=True),
+                        st.sampled_from(["a" * 63, "a" * 64, "a b", "a\n", 1, True, None]))
+DNS = st.one_of(st.from_regex(r"[a-z0-9.-]{0,6}", fullmatch=True),
+                st.sampled_from(["team-a", "Team", "a_b", "a" * 63, "a" * 64, "a." * 127, "", "a\n", None]))
+PATHS = st.sampled_from(["/data/x", "relative/path", "", "/a:b", "/ckpt"])
+
+
+def mapping(keys, values, max_size=3):
+    return st.dictionaries(keys, values, max_size=max_size)
+
+
+# (path, values): fields both sides check, with values on each side of every rule. A path ending
+# in a key not in the schema (snake_case spellings, unknown keys) must be refused.
+FIELDS = [
+    (("metadata", "name"), st.sampled_from(["ok-name", "Bad_Name", "x" * 40, "x" * 41, "9digit", "", "a-", "a.b"])),
+    (("metadata", "namespace"), st.sampled_from([NAMESPACE, "Bad_NS", "", "-a", "a" * 64, "a\n", 1, None])),
+    (("metadata", "labels"), mapping(LABEL_KEY, LABEL_VALUE)),
+    (("metadata", "annotations"), mapping(LABEL_KEY, st.sampled_from(["x", "", 1, True, None]))),
+    (("metadata", "labelz"), st.just({"a": "b"})),
+    (("metadata", "uid"), st.just("f00")),
+    (("spec", "model", "preset"), st.sampled_from(["tiny", "1b3", "176b", "2b", None])),
+    (("spec", "model", "numLayers"), ints(1, 512)),
+    (("spec", "model", "hiddenSize"), st.one_of(ints(8, 65536), st.sampled_from([60, 64, 66, 96, 130]))),
+    (("spec", "model", "numHeads"), st.one_of(ints(1, 1024), st.sampled_from([2, 3, 5, 8]))),
+    (("spec", "model", "seqLength"), ints(2, 131072)),
+    (("spec", "model", "vocabSize"), ints(2, 1_048_576)),
+    (("spec", "model", "position"), st.sampled_from(["alibi", "rotary", "learned", "none", "ALiBi", "sinusoidal"])),
+    (("spec", "model", "embeddingLayernorm"), st.sampled_from([True, False, "true", 1])),
+    (("spec", "model", "layerNormEpsilon"), floats(0, 1)),
+    (("spec", "model", "initStd"), floats(0, 1)),
+    (("spec", "model", "embedding_layernorm"), st.just(True)),
+    (("spec", "data", "sources"), st.lists(st.fixed_dictionaries({"path": PATHS}, optional={
+        "weight": floats(0, 1e6), "name": st.sampled_from(["a", "", 1])}), max_size=2)),
+    (("spec", "data", "tokenizer"), st.sampled_from(["/data/t.json", "", None, 1])),
+    (("spec", "data", "seed"), ints(0, 2**32 - 1)),
+    (("spec", "optim", "lr"), floats(0, 1)),
+    (("spec", "optim", "minLr"), floats(0, 1e-2)),
+    (("spec", "optim", "warmupTokens"), st.one_of(ints(0, 10**15), st.sampled_from([0, 20480, 307200, 307201]))),
+    (("spec", "optim", "decayTokens"), st.one_of(ints(1, 10**15), st.sampled_from([20479, 20480, 375_000_000]))),
+    (("spec", "optim", "beta1"), floats(0, 1)),
+    (("spec", "optim", "eps"), floats(0, 1)),
+    (("spec", "optim", "weightDecay"), floats(0, 10)),
+    (("spec", "optim", "gradClip"), floats(0, 1e6)),
+    (("spec", "optim", "warmup_tokens"), st.just(10)),
+    (("spec", "training", "globalBatchSize"), st.one_of(ints(1, 2**24), st.sampled_from([8, 12, 16, 512, 100]))),
+    (("spec", "training", "microBatchSize"), ints(0, 65536)),
+    (("spec", "training", "rampup"), st.fixed_dictionaries({"start": st.sampled_from([1, 4, 32, 0]),
+                                                            "increment": st.sampled_from([1, 4, 32, 96, 0]),
+                                                            "samples": st.sampled_from([1, 100, 4800, 2_000_000, 10**14])})),
+    (("spec", "training", "trainTokens"), ints(1, 10**15)),
+    (("spec", "training", "trainSteps"), ints(1, 10**9)),
+    (("spec", "training", "precision"), st.sampled_from(["auto", "bf16", "fp16"])),
+    (("spec", "training", "zeroStage"), ints(0, 3)),
+    (("spec", "training", "seed"), ints(0, 2**32 - 1)),
+    (("spec", "training", "compile"), st.sampled_from([True, "false"])),
+    (("spec", "training", "nanPolicy"), st.fixed_dictionaries({}, optional={
+        "maxConsecutiveBadSteps": ints(1, 1000), "skipStepsAfterRollback": ints(0, 1_000_000)})),
+    (("spec", "training", "train_steps"), st.just(5)),
+    (("spec", "checkpoint", "everySteps"), st.one_of(ints(1, 10**9), st.none())),
+    (("spec", "checkpoint", "everyMinutes"), floats(0, 525_600)),
+    (("spec", "checkpoint", "keepLast"), ints(1, 10_000)),
+    (("spec", "checkpoint", "dir"), st.sampled_from(["/ckpt", "runs/x"])),  # the launcher's, never the user's
+    (("spec", "checkpoint", "initFrom"), st.fixed_dictionaries({}, optional={
+        "path": st.sampled_from(["/ckpt/step-5", ""]), "run": st.sampled_from(["other-run", "Bad", ""]),
+        "optimizer": st.sampled_from([True, "yes"])})),
+    (("spec", "metrics", "port"), ints(0, 65535)),
+    (("spec", "metrics", "logEvery"), ints(1, 10**9)),
+    (("spec", "image"), st.sampled_from(["ghcr.io/x/y:1", "", "a" * 513])),
+    (("spec", "nodes", "min"), ints(1, 1024)),
+    (("spec", "nodes", "max"), ints(1, 1024)),
+    (("spec", "gpusPerNode"), ints(0, 16)),
+    (("spec", "gpus_per_node"), st.just(8)),
+    (("spec", "pool", "nodeSelector"), mapping(LABEL_KEY, LABEL_VALUE)),
+    (("spec", "pool", "tolerations"), st.lists(st.fixed_dictionaries({}, optional={
+        "key": st.one_of(LABEL_KEY, st.just("")), "operator": st.sampled_from(["Exists", "Equal", "Maybe"]),
+        "value": LABEL_VALUE, "effect": st.sampled_from(["NoSchedule", "NoExecute", "Never"]),
+        "tolerationSeconds": ints(0, 10**9)}), max_size=2)),
+    (("spec", "resources", "requests"), mapping(st.sampled_from(["cpu", "memory", "nvidia.com/gpu", "example.com/fpga",
+                                                                 "Bad/x", "ephemeral-storage"]), QUANTITY)),
+    (("spec", "resources", "limits"), mapping(st.sampled_from(["cpu", "memory", "-x"]), QUANTITY)),
+    (("spec", "shmSize"), QUANTITY),
+    (("spec", "checkpointVolume", "claimName"), DNS),
+    (("spec", "checkpointVolume", "mountPath"), PATHS),
+    (("spec", "dataVolume", "claimName"), DNS),
+    (("spec", "restartPolicy", "maxRestarts"), ints(0, 10_000)),
+    (("spec", "restartPolicy", "backoffSeconds"), ints(0, 3600)),
+    (("spec", "restartPolicy", "retryableExitCodes"), st.lists(ints(1, 255), max_size=3)),
+    (("spec", "suspend"), st.sampled_from([True, False, "true", 0])),
+    (("spec", "priorityClassName"), DNS),
+    (("spec", "queue"), DNS),
+    (("spec", "budget", "gpuHours"), floats(0, 1e9)),
+    (("spec", "env"), st.lists(st.fixed_dictionaries({"name": st.sampled_from(
+        ["NCCL_DEBUG", "RANK", "PET_NNODES", "BLOOMRUN_X", "1BAD", "OK_NAME"])}, optional={
+        "value": st.sampled_from(["1", "", 1])}), max_size=2)),
+    (("spec", "bogus"), st.just(1)),
+]
+REQUIRED = [("spec", "data"), ("spec", "training"), ("spec", "data", "sources"), ("metadata", "name"), ("spec",)]
+
+
+@st.composite
+def mutated_examples(draw):
+    """A valid manifest with one field changed (or a required one removed)."""
+    document = copy.deepcopy(draw(st.sampled_from(EXAMPLES)))
+    if draw(st.integers(0, 19)) == 0:
+        path, value = draw(st.sampled_from(REQUIRED)), DELETE
+    else:
+        path, values = draw(st.sampled_from(FIELDS))
+        # Mostly the field's own values. A namespace other than the request's is refused as a
+        # mismatch, which validate cannot know, so JUNK (strings such as "yes") is not tried there.
+        value = draw(values if path == ("metadata", "namespace") else st.one_of(values, values, values, JUNK))
+    target = document
+    for key in path[:-1]:
+        target = target.setdefault(key, {})
+    if value is DELETE:
+        target.pop(path[-1], None)
+    else:
+        target[path[-1]] = value
+    return path, document
+
+
+def as_kubectl_sends(value, namespace: str):
+    """The JSON kubectl sends for this YAML: Go's encoder writes a float with an integral
+    value as an integer (8.0 as 8); infinity and NaN stay for the client to send as
+    invalid JSON, which the API server refuses."""
+    if isinstance(value, dict):
+        return {k: as_kubectl_sends(v, namespace) for k, v in value.items()}
+    if isinstance(value, list):
+        return [as_kubectl_sends(v, namespace) for v in value]
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return namespace if value == NAMESPACE else value
+
+
+def test_validate_and_the_api_server_agree_on_generated_manifests(cluster, fuzz_namespace):
+    """Both directions: every generated manifest validate accepts the API server accepts
+    (server-side dry-run create, strict field validation), and every one it refuses the API
+    server refuses."""
+    custom = client.CustomObjectsApi(cluster.api())
+    verdicts = {"accepted": 0, "refused": 0}
+    disagreements: list[str] = []
+    started = time.monotonic()
+
+    @settings(max_examples=1000, deadline=None, derandomize=True, database=None, phases=[Phase.generate],
+              suppress_health_check=list(HealthCheck))
+    @given(mutated_examples())
+    def check(case):
+        path, document = case
+        sent = as_kubectl_sends(document, fuzz_namespace)
+        try:
+            parse_manifest(sent)
+            offline = None
+        except ManifestError as err:
+            offline = str(err)
+            assert offline and "\n" not in offline, offline
+        server = server_verdict(custom, fuzz_namespace, sent)
+        verdicts["refused" if offline else "accepted"] += 1
+        if (offline is None) != (server is None):
+            field = ".".join(path)
+            disagreements.append(f"{field}: offline {offline or 'accepted'}; API server {server or 'accepted'}; "
+                                 f"value {_at(sent, path)!r}")
+
+    check()
+    elapsed = time.monotonic() - started
+    print(f"\n{sum(verdicts.values())} manifests in {elapsed:.1f} s: {verdicts}, {len(disagreements)} disagreements")
+    assert sum(verdicts.values()) >= 1000, verdicts
+    assert verdicts["accepted"] >= 200 and verdicts["refused"] >= 200, verdicts  # both directions exercised
+    assert not disagreements, "\n".join(disagreements[:40])
+
+
+def _at(document, path):
+    for key in path:
+        if not isinstance(document, dict) or key not in document:
+            return "(absent)"
+        document = document[key]
+    return document
