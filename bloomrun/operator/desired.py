@@ -159,6 +159,33 @@ def desired_service(run: Run) -> dict:
     }
 
 
+# Namespaces whose pods may scrape a run's metrics port (label your Prometheus' namespace).
+SCRAPER_NAMESPACE_LABEL = "bloomrun.io/metrics-scraper"
+
+
+def network_policy_name(run: Run) -> str:
+    return _dns_label(f"{run.name}-workers")
+
+
+def desired_network_policy(run: Run) -> dict:
+    """Only the run's own workers reach its workers, on any port; Prometheus on the metrics
+    port. The c10d rendezvous store has no authentication and torchrun's agent unpickles
+    what it reads back from it (a planted value ran code in a local trial against torch
+    2.15, issue 20), and NCCL and torchrun's per-job store listen on ports picked at run
+    time, so the rule is by peer, not by port. Enforced where the cluster's network plugin
+    enforces NetworkPolicy; docs/operator.md says what it assumes."""
+    own = {"podSelector": {"matchLabels": {RUN_LABEL: run.name, MANAGED_BY: OPERATOR}}}
+    ingress: list[dict] = [{"from": [own]}]
+    if run.spec.metrics.port:
+        ingress.append({"from": [{"namespaceSelector": {"matchLabels": {SCRAPER_NAMESPACE_LABEL: "true"}}}],
+                        "ports": [{"protocol": "TCP", "port": run.spec.metrics.port}]})
+    return {
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": _metadata(run, network_policy_name(run), "network-policy"),
+        "spec": {"podSelector": own["podSelector"], "policyTypes": ["Ingress"], "ingress": ingress},
+    }
+
+
 def desired_rbac(run: Run) -> list[dict]:
     """The trainer's identity: it may read and patch its own run's status, nothing else."""
     account = service_account_name(run)
@@ -181,7 +208,7 @@ def desired_rbac(run: Run) -> list[dict]:
 
 def desired_infra(run: Run) -> list[dict]:
     """Every child but the worker pods, in the order they should be applied."""
-    return [*desired_rbac(run), desired_config_map(run), desired_service(run)]
+    return [*desired_rbac(run), desired_config_map(run), desired_service(run), desired_network_policy(run)]
 
 
 @dataclass(frozen=True)
@@ -201,6 +228,7 @@ INFRA_KINDS = (
     ChildKind("RoleBinding", "rbac.authorization.k8s.io/v1", "rolebindings", service_account_name),
     ChildKind("ConfigMap", "v1", "configmaps", config_map_name),
     ChildKind("Service", "v1", "services", service_name),
+    ChildKind("NetworkPolicy", "networking.k8s.io/v1", "networkpolicies", network_policy_name),
 )
 WORKER_KIND = ChildKind("Pod", "v1", "pods")
 CHILD_KINDS = (*INFRA_KINDS, WORKER_KIND)

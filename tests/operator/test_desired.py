@@ -143,3 +143,17 @@ def test_infra_names_are_the_names_of_what_desired_infra_builds(run):
 def test_the_table_of_child_kinds_says_what_the_builders_build(run):
     built = [*desired.desired_infra(run), desired.desired_worker(run, 0)]
     assert [(o["kind"], o["apiVersion"]) for o in built] == [(c.kind, c.api_version) for c in desired.CHILD_KINDS]
+
+
+def test_only_the_runs_own_workers_reach_its_ports_and_scrapers_only_the_metrics_port(run):
+    """The rendezvous store is unauthenticated: another tenant's pod must not reach it."""
+    policy = next(o for o in desired.desired_infra(run) if o["kind"] == "NetworkPolicy")
+    pod_labels = desired.desired_worker(run, 0)["metadata"]["labels"]
+    selector = policy["spec"]["podSelector"]["matchLabels"]
+    assert selector.items() <= pod_labels.items() and policy["spec"]["policyTypes"] == ["Ingress"]
+    own, scrape = policy["spec"]["ingress"]
+    assert own == {"from": [{"podSelector": {"matchLabels": selector}}]}  # every port, own pods only
+    assert scrape["ports"] == [{"protocol": "TCP", "port": run.spec.metrics.port}]
+    assert scrape["from"] == [{"namespaceSelector": {"matchLabels": {desired.SCRAPER_NAMESPACE_LABEL: "true"}}}]
+    other = desired.desired_network_policy(make_run(metrics={"port": 0}))
+    assert len(other["spec"]["ingress"]) == 1  # no metrics port, no scrape rule

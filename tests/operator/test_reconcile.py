@@ -23,7 +23,7 @@ def step(run, status, pods, now=T0, nodes=None):
 
 def test_a_new_run_gets_its_children_and_max_workers(run):
     result, status = step(run, BloomRunStatus(), [])
-    assert {o["kind"] for o in result.infra.objects} == {"ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Service"}
+    assert {o["kind"] for o in result.infra.objects} == {"ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Service", "NetworkPolicy"}
     assert [c.manifest["metadata"]["name"] for c in result.creates] == [
         "ablation-worker-0", "ablation-worker-1", "ablation-worker-2"]
     assert status.phase == "Pending" and status.nodes.display == "0/3"
