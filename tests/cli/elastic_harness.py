@@ -29,7 +29,8 @@ WORLD_LINE = re.compile(r"(\d+) ranks on ")
 
 
 def tiny_manifest(tmp: Path, *, steps: int, every: int, name: str = "tiny") -> Path:
-    """examples/tiny.yaml with a shorter run, frequent checkpoints and the demo data."""
+    """examples/tiny.yaml with a shorter run, frequent checkpoints, a log line every step and
+    the demo data."""
     document = yaml.safe_load((REPO / "examples" / "tiny.yaml").read_text())
     document["metadata"]["name"] = name
     spec = document["spec"]
