@@ -697,8 +697,10 @@ def parse_manifest(document: Any) -> BloomRun:
 
 
 class _ManifestLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, but a key given twice in one mapping is an error (kubectl refuses
-    it; PyYAML would keep the last value silently)."""
+    """PyYAML's safe loader, but a key given twice in one mapping is an error. Stricter than
+    kubectl on purpose: kubectl v1.37.2 (`create`, `apply`, server-side or not) keeps the last
+    value silently, as PyYAML does, so a second `gpusPerNode:` further down changes the run
+    without a word (seen on the test cluster; test_validation_cluster)."""
 
     def construct_mapping(self, node, deep=False):
         seen = set()

@@ -5,8 +5,11 @@ valid manifests (the examples and a small one) one field at a time."""
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 import yaml
@@ -20,6 +23,7 @@ from .e2e import REPO, wait_for
 from .test_operator_e2e import crd, operator  # noqa: F401  (module fixtures)
 
 pytestmark = [pytest.mark.cluster]
+BLOOMCTL = str(Path(sys.executable).parent / "bloomctl")
 
 BASE = {
     "apiVersion": "bloomrun.io/v1alpha1", "kind": "BloomRun", "metadata": {"name": "fuzz"},
@@ -372,3 +376,31 @@ def _at(document, path):
             return "(absent)"
         document = document[key]
     return document
+
+
+# YAML that reaches the API server through kubectl: the transport as_sent mirrors.
+KUBECTL_CASES = [
+    ("  gpusPerNode: 0", "  gpusPerNode: 0.0", True),  # Go's JSON writes 0.0 as 0
+    ("  gpusPerNode: 0", "  gpusPerNode: '0'", False),
+    ("  gpusPerNode: 0", "  gpusPerNode: null", True),  # pruned, then the default
+    ("    lr: 3.0e-3", "    lr: .inf", False),
+    ("    lr: 3.0e-3", "    lr: .nan", False),
+    ("  nodes:", "  pool: {nodeSelector: {1: a, true: b}}\n  nodes:", True),  # keys become "1", "true"
+    ("  name: tiny", "  name: tiny\n  annotations: {released: 2026-01-01}", True),  # a date is its text
+    ("  name: tiny", "  name: tiny\n  labels: {team: null}", True),  # a null label value is ""
+    ("  name: tiny", "  name: tiny\n  labelz: {team: a}", False),
+    ("  gpusPerNode: 0", "  gpus_per_node: 0", False),
+    ("    trainSteps: 300", "    trainSteps: 300\n    warmup_tokens: 5", False),
+]
+
+
+@pytest.mark.parametrize("old, new, valid", KUBECTL_CASES)
+def test_validate_and_kubectl_agree_on_yaml(cluster, fuzz_namespace, tmp_path, old, new, valid):
+    text = (REPO / "examples/tiny.yaml").read_text()
+    assert old in text
+    path = tmp_path / "run.yaml"
+    path.write_text(text.replace(old, new, 1))
+    offline = subprocess.run([BLOOMCTL, "validate", str(path)], capture_output=True, text=True)
+    server = cluster.kubectl("create", "--dry-run=server", "-n", fuzz_namespace, "-f", str(path), check=False)
+    assert (offline.returncode == 0) == valid, offline.stderr
+    assert (server.returncode == 0) == valid, server.stderr
