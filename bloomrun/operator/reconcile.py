@@ -151,8 +151,20 @@ class Plan:
     requeue_after: float | None = None
 
 
+# How the trainer says a failure is permanent (bad config or data, another run's checkpoint,
+# a held run lock): the first words of its termination message (bloomrun.trainer.train).
+# torchrun hides the trainer's own exit code behind its 1, so the message is the one channel
+# that survives it.
+PERMANENT_MARK = "permanent: "
+# torchrun's exit code when its workers failed for good, whatever the cause (measured with
+# torch 2.15: workers exiting 2, 75 or 134 all gave 1) and on its own SIGTERM.
+TORCHRUN_WORKERS_FAILED = 1
+
+
 def classify(pod: PodView, known_nodes: set[str] | None, retryable_codes: list[int]) -> str | None:
-    """The failure class of a pod, or None while it has not failed."""
+    """The failure class of a pod, or None while it has not failed. A trainer's permanent
+    verdict wins; otherwise torchrun giving up is retryable (a lost peer, a collective timeout,
+    a transient NCCL error end the same way), as are the signal exits in `retryable_codes`."""
     if pod.phase != "Failed":
         if pod.node_name and known_nodes is not None and pod.node_name not in known_nodes:
             return NODE_LOST
@@ -163,9 +175,12 @@ def classify(pod: PodView, known_nodes: set[str] | None, retryable_codes: list[i
         return OOM_KILLED
     if pod.reason in ("NodeLost", "Terminated", "NodeShutdown", "Shutdown"):
         return NODE_LOST
+    if pod.message.startswith(PERMANENT_MARK):
+        return PERMANENT_EXIT
     if pod.exit_code is None:
         return UNKNOWN
-    return RETRYABLE_EXIT if pod.exit_code in retryable_codes else PERMANENT_EXIT
+    retryable = pod.exit_code in retryable_codes or pod.exit_code == TORCHRUN_WORKERS_FAILED
+    return RETRYABLE_EXIT if retryable else PERMANENT_EXIT
 
 
 def backoff_seconds(base: int, restarts: int) -> float:

@@ -21,6 +21,7 @@ from bloomrun.trainer.runlock import die_with_launcher
 
 
 TERMINATION_LOG = "/dev/termination-log"
+PERMANENT_MARK = "permanent: "  # bloomrun.operator.reconcile.PERMANENT_MARK (no import: layering)
 
 
 def load_config(path: str) -> TrainerConfig:
@@ -72,7 +73,9 @@ def refuse(message: str) -> int:
     if os.path.exists(TERMINATION_LOG):
         try:
             with open(TERMINATION_LOG, "w") as log:
-                log.write(message[:4096])  # the kubelet keeps at most 4096 bytes
+                # The operator reads the mark (reconcile.PERMANENT_MARK): torchrun's own exit
+                # code (1) does not tell this from a lost peer. The kubelet keeps 4096 bytes.
+                log.write((PERMANENT_MARK + message)[:4096])
         except OSError:
             pass  # not writable here (not a pod): stderr has it
     return 2

@@ -89,10 +89,11 @@ def test_backoff_doubles_with_each_restart():
 
 def test_a_permanent_exit_code_fails_the_run_and_stops_the_others(run):
     _, status = step(run, BloomRunStatus(), [])
-    pods = [pod(run, 0), pod(run, 1, "Failed", exit_code=1, message="FileNotFoundError: data"), pod(run, 2)]
+    refused = "permanent: /data/oscar_text_document.bin: no such file"  # the trainer's termination message
+    pods = [pod(run, 0), pod(run, 1, "Failed", exit_code=1, message=refused), pod(run, 2)]
     result, status = step(run, status, pods)
     assert status.phase == "Failed" and status.restarts == 0
-    assert "exit code 1" in status.message and status.last_failure.message.startswith("FileNotFound")
+    assert "exit code 1" in status.message and status.last_failure.message == refused
     assert {d.name for d in result.deletes} == {"ablation-worker-0", "ablation-worker-1", "ablation-worker-2"}
     assert not result.creates
     # Terminal: nothing is recreated afterwards.
@@ -313,3 +314,13 @@ def test_malformed_timestamps_in_status_cost_only_that_value(run):
         "gpuHours": {"used": 1.5, "accountedAt": "not a time"}, "infraAppliedAt": "??"})
     result, status = step(run, status, [])
     assert len(result.creates) == 3 and status.gpu_hours.used >= 1.5
+
+
+def test_torchrun_giving_up_without_a_permanent_verdict_is_retried(run):
+    """torchrun exits 1 whenever its workers fail for good, a lost peer or an NCCL timeout
+    included: that is retried with backoff, not taken for a bad config."""
+    _, status = step(run, BloomRunStatus(), [])
+    crashed = pod(run, 1, "Failed", exit_code=1, message="RuntimeError: [c10d] Connection reset by peer")
+    result, status = step(run, status, [pod(run, 0), crashed, pod(run, 2)])
+    assert status.phase != "Failed" and status.restarts == 1
+    assert status.last_failure.reason == "RetryableExitCode" and "Connection reset" in status.last_failure.message
