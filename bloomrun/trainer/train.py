@@ -40,11 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config)
     except (OSError, yaml.YAMLError) as err:
-        print(f"error: {args.config}: {err}", file=sys.stderr)
-        return 2
+        return refuse(f"{args.config}: {err}")
     except ValidationError as err:
-        print(f"error: {args.config}: {format_validation_error(err)}", file=sys.stderr)
-        return 2
+        return refuse(f"{args.config}: {format_validation_error(err)}")
 
     from bloomrun.trainer.checkpoint import CheckpointError
     from bloomrun.trainer.data import DataError
