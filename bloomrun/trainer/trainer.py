@@ -79,14 +79,15 @@ class Trainer:
         self.world = world = world or parallel.World.from_env()
         self.args = ModelArgs.from_config(cfg.model)
         self.checkpoint_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else None
-        # One trainer per checkpoint folder: rank 0 holds its lock while it lives (runlock.py).
-        self.run_lock = runlock.acquire(self.checkpoint_dir) if self.checkpoint_dir and world.rank == 0 else None
 
         # Data: checked before anything else so a bad file fails with its name, at once.
         # Rank 0 alone: the check reads every token, and torchrun stops the others if it fails.
         if world.rank == 0:
             validate_data(cfg.data, cfg.model.shape().vocab_size, self.args.seq_length)
         self.samples = build_train_samples(cfg.data, self.args.seq_length)
+        # One trainer per checkpoint folder: rank 0 holds its lock while it lives (runlock.py).
+        # Taken after the data check, so a run refused for its data leaves no folder behind.
+        self.run_lock = runlock.acquire(self.checkpoint_dir) if self.checkpoint_dir and world.rank == 0 else None
 
         # Distributed: DeepSpeed picks its accelerator and JIT cache at import.
         parallel.prepare_environment(elastic.cache_dir(os.environ), world)
