@@ -80,6 +80,7 @@ def tiny_run(checkpoints: Path) -> desired.Run:
     document = yaml.safe_load((REPO / "examples" / "tiny.yaml").read_text())
     spec = document["spec"]
     spec["training"]["trainSteps"] = STEPS
+    spec["optim"]["warmupTokens"] = STEPS * spec["training"]["globalBatchSize"] * 64  # within the run
     spec["checkpoint"]["everySteps"] = STEPS
     spec["metrics"]["port"] = 0  # a free port: tests share this machine
     spec["checkpointVolume"] = {"claimName": "checkpoints", "mountPath": str(checkpoints)}
