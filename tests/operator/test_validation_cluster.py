@@ -115,6 +115,14 @@ def test_the_examples_are_accepted_by_the_api_server(cluster, fuzz_namespace, ex
     (("spec", "checkpoint"), {"dir": "/mine"}, "checkpoint.dir is set by the launcher"),
     (("spec", "bogus"), True, "spec.bogus"),
     (("metadata", "name"), "x" * 41, "metadata.name"),
+    (("spec", "suspend"), "true", "spec.suspend"),
+    (("spec", "optim"), {"lr": 3.0}, "spec.optim.lr"),
+    (("spec", "optim"), {"warmupTokens": 10**6}, "optim.warmupTokens must not be longer than the run"),
+    (("spec", "resources"), {"limits": {"cpu": "-1"}}, "spec.resources.limits.cpu"),
+    (("spec", "pool"), {"nodeSelector": {"Bad/x": "a"}}, "spec.pool.nodeSelector"),
+    (("spec", "pool"), {"tolerations": [{"key": "k", "operator": "Exists", "value": "v"}]}, "spec.pool.tolerations[0]"),
+    (("spec", "checkpointVolume"), {"claimName": ""}, "spec.checkpointVolume.claimName"),
+    (("metadata", "labels"), {"team": "a b"}, "metadata.labels"),
 ])
 def test_the_api_server_refuses_bad_manifests_naming_the_field(cluster, fuzz_namespace, path, value, field):
     document = copy.deepcopy(BASE)
