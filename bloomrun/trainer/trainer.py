@@ -109,7 +109,10 @@ class Trainer:
 
         # Optimizer and engine; AdamW state exists from the start (see init_optimizer_state).
         self.optimizer = parallel.build_optimizer(model, cfg, world)
-        ds_config = parallel.build_deepspeed_config(cfg, world, global_batch_size_at(0, cfg.training))
+        # Sized for one micro-batch per rank, which every world size divides: the batch of
+        # step 0 (the ramp's first) may not suit this world when resuming past the ramp on
+        # more ranks; _set_batch_size sets each step's own batch before it runs.
+        ds_config = parallel.build_deepspeed_config(cfg, world, cfg.training.micro_batch_size * world.world_size)
         self.engine = parallel.create_engine(model, self.optimizer, ds_config, world)
         parallel.init_optimizer_state(self.engine, self.optimizer)
         # DeepSpeed records the gradient norm only when ZeRO (1-3) computes it; under stage 0
