@@ -282,6 +282,8 @@ FIELDS = [
     (("spec", "gpusPerNode"), ints(0, 16)),
     (("spec", "gpus_per_node"), st.just(8)),
     (("spec", "pool", "nodeSelector"), mapping(LABEL_KEY, LABEL_VALUE)),
+    (("spec", "pool", "affinity"), st.sampled_from([{}, {"nodeAffinity": {}}, {"podAntiAffinity": {"x": [1.0, None]}},
+                                                     [], "none"])),
     (("spec", "pool", "tolerations"), st.lists(st.fixed_dictionaries({}, optional={
         "key": st.one_of(LABEL_KEY, st.just("")), "operator": st.sampled_from(["Exists", "Equal", "Maybe"]),
         "value": LABEL_VALUE, "effect": st.sampled_from(["NoSchedule", "NoExecute", "Never"]),
