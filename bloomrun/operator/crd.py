@@ -68,6 +68,11 @@ TRAINER_RULES: dict[str, list[tuple[str, str]]] = {
          "decayTokens must not be shorter than warmupTokens: the decay counts from token 0"),
     ],
     "InitFrom": [("has(self.path) != has(self.run)", "give exactly one of path and run")],
+    "EvalConfig": [
+        ("has(self.tasks) != has(self.suite)", "give exactly one of tasks and suite"),
+        ("!(has(self.everyCheckpoints) && has(self.everyTokens))",
+         "give at most one of everyCheckpoints and everyTokens"),
+    ],
     "TrainingConfig": [
         ("has(self.trainTokens) != has(self.trainSteps)", "give exactly one of trainTokens and trainSteps"),
         ("self.globalBatchSize % self.microBatchSize == 0", "globalBatchSize must be a multiple of microBatchSize"),

@@ -276,6 +276,61 @@ class MetricsConfig(Section):
     """Steps between log lines."""
 
 
+# ------------------------------------------------------------------------ evaluation
+
+# The paper's 27 zero-shot tasks under their lm-evaluation-harness 0.4 names (the paper's
+# "lambada" is lambada_openai, its "sst" is sst2). tests/eval checks every name against the
+# installed lm-eval.
+EVAL_SUITES: dict[str, tuple[str, ...]] = {
+    "bigscience-27": (
+        "arc_challenge", "arc_easy", "boolq", "copa", "hellaswag", "lambada_openai", "logiqa",
+        "mathqa", "mc_taco", "mrpc", "multirc", "openbookqa", "piqa", "prost", "pubmedqa", "qnli",
+        "qqp", "race", "rte", "sciq", "sst2", "triviaqa", "webqs", "wic", "winogrande", "wnli", "wsc",
+    ),
+}
+# bloomrun's own tasks, written from the example corpora's generator (bloomrun/eval/tasks.py).
+BLOOMRUN_EVAL_TASKS = ("bloomrun_stories_order", "bloomrun_arithmetic", "bloomrun_stories_ppl")
+EvalTaskName = Literal[EVAL_SUITES["bigscience-27"] + BLOOMRUN_EVAL_TASKS]  # type: ignore[valid-type]
+
+
+class EvalConfig(Section):
+    """Zero-shot evaluation of the run's checkpoints with lm-evaluation-harness (docs/eval.md)."""
+
+    # A set on the API server too: it refuses a repeated name as a duplicate value.
+    tasks: list[EvalTaskName] | None = Field(default=None, min_length=1, max_length=64,
+                                             json_schema_extra={"x-kubernetes-list-type": "set"})
+    """lm-eval task names to score each checkpoint on; or give suite."""
+    suite: Literal["bigscience-27"] | None = None
+    """A named task list: bigscience-27 is the paper's 27 tasks."""
+    every_checkpoints: int | None = Field(default=None, ge=1, le=MAX_STEPS)
+    """Score every Nth checkpoint (default: every one); or give everyTokens."""
+    every_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS)
+    """Score the first checkpoint at or past each multiple of N tokens (the paper: every
+    1,500 steps, about 1.6B tokens), so arms are compared at equal tokens."""
+    limit: int | None = Field(default=None, ge=1, le=10_000_000)
+    """Documents scored per task (default: all of them); a quick look, not the paper's measure."""
+    batch_size: int = Field(default=16, ge=1, le=4096)
+    """Requests per forward pass."""
+    task_data_dir: str | None = Field(default=None, min_length=1, max_length=4096)
+    """Where the task data is staged: lm-eval task YAMLs anywhere below it (dataset_path: json
+    over local files), and huggingface/, a Hugging Face cache holding the datasets of lm-eval's
+    own tasks. Nothing is downloaded; bloomrun's own tasks need no data."""
+
+    @model_validator(mode="after")
+    def _check_choice(self) -> "EvalConfig":
+        if (self.tasks is None) == (self.suite is None):
+            raise ValueError("give exactly one of tasks and suite")
+        if self.every_checkpoints is not None and self.every_tokens is not None:
+            raise ValueError("give at most one of everyCheckpoints and everyTokens")
+        if self.tasks and len(set(self.tasks)) != len(self.tasks):
+            raise ValueError("tasks must not repeat a task")
+        return self
+
+    def task_names(self) -> list[str]:
+        """The tasks to run: the suite's or the given list."""
+        return list(EVAL_SUITES[self.suite]) if self.suite else list(self.tasks)
+
+
 class TrainerConfig(Section):
     """Everything the trainer needs; the `spec` of a BloomRun minus the cluster's fields."""
 
@@ -285,6 +340,8 @@ class TrainerConfig(Section):
     training: TrainingConfig
     checkpoint: CheckpointConfig = CheckpointConfig()
     metrics: MetricsConfig = MetricsConfig()
+    eval: EvalConfig | None = None
+    """Zero-shot evaluation of the checkpoints (optional)."""
 
 
 def format_validation_error(err: ValidationError, prefix: str = "") -> str:
