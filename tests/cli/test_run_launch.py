@@ -343,7 +343,8 @@ def finished_run(tmp_path, step: int, meta: dict | None = None):
 def test_a_run_whose_newest_complete_checkpoint_reached_its_length_is_complete(tmp_path):
     from bloomrun.cli.run import completed
 
-    assert completed(finished_run(tmp_path / "a", 300, {"loss": 1.44921})) == "at step 300 (loss 1.4492, 307,200 tokens)"
+    finished = finished_run(tmp_path / "a", 300, {"loss": 1.44921})
+    assert completed(finished) == "at step 300 (loss 1.4492, 307,200 tokens)"
     assert completed(finished_run(tmp_path / "b", 300)) == "at step 300 (307,200 tokens)"  # older checkpoints
     assert completed(finished_run(tmp_path / "c", 250)) is None
     assert completed(dataclasses.replace(finished_run(tmp_path / "d", 300), checkpoint_dir=tmp_path / "none")) is None

@@ -13,7 +13,14 @@ import psutil
 import pytest
 
 from bloomrun.trainer import runlock
-from tests.cli.elastic_harness import BLOOMCTL, Started, launcher_env, newest_checkpoint_step, tiny_manifest, wait_until
+from tests.cli.elastic_harness import (
+    BLOOMCTL,
+    Started,
+    launcher_env,
+    newest_checkpoint_step,
+    tiny_manifest,
+    wait_until,
+)
 
 STEPS = 400
 EVERY = 100
@@ -58,8 +65,8 @@ def test_killed_launchers_leave_no_trainer_and_a_live_run_folder_is_refused(tmp_
         assert len(second.stderr.strip().splitlines()) == 1 and "Traceback" not in second.stderr
 
         # 2. So is a trainer started on it directly (two pods pointed at one checkpoint path).
-        direct = subprocess.run([sys.executable, "-m", "bloomrun.trainer.train", "--config", str(run_dir / "config.yaml")],
-                                cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        trainer = [sys.executable, "-m", "bloomrun.trainer.train", "--config", str(run_dir / "config.yaml")]
+        direct = subprocess.run(trainer, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
         assert direct.returncode == 2, direct.stderr[-2000:]
         assert f"in use by another trainer (pid {rank0} " in direct.stderr.strip().splitlines()[-1]
 
@@ -76,7 +83,8 @@ def test_killed_launchers_leave_no_trainer_and_a_live_run_folder_is_refused(tmp_
     # 4. The same command resumes; SIGKILL of torchrun itself takes its workers with it.
     third = Started(command, tmp_path / "third.log", env, cwd=tmp_path)
     try:
-        wait_until(lambda: third.resumed_steps() and third.steps_since_last_start(), 180, "the resumed run's first step")
+        wait_until(lambda: third.resumed_steps() and third.steps_since_last_start(), 180,
+                   "the resumed run's first step")
         torchrun = [p for p in launched(third) if "torch.distributed.run" in " ".join(p.cmdline())]
         workers = third.workers()
         assert len(torchrun) == 1 and len(workers) == 2

@@ -5,6 +5,7 @@ or torchrun's own output, and a final summary (or the resume hint after Ctrl-C).
 
 import re
 import subprocess
+import time
 
 import pytest
 
@@ -59,10 +60,13 @@ def test_a_complete_run_at_80_columns_shows_one_status_line_and_a_summary(termin
     assert [int(re.search(r"step (\d+)", line)[1]) for line in steps] == [50, 100], shown
     assert re.search(r"^tiny: complete at step 120 \(loss \d+\.\d{4}, 122,880 tokens\)$", shown, re.M), shown
 
-    # The same command again: the run is complete, said at once, without starting torchrun.
+    # The same command again: the run is complete, said at once, without starting torchrun
+    # (which took ~28 s of start-up and logged a restart before).
+    started = time.monotonic()
     again = subprocess.run([BLOOMCTL, "run", MANIFEST, "--output", str(tmp_path / "run"), "--steps", "120"],
                            cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert again.returncode == 0, again.stderr
+    assert time.monotonic() - started < 15
     assert re.fullmatch(r"tiny: already complete at step 120 \(loss \d+\.\d{4}, 122,880 tokens\)\n", again.stdout)
 
 
