@@ -112,3 +112,28 @@ def learning_rate(tokens: int, optim: OptimConfig, decay_tokens: int) -> float:
     progress = min(max(tokens - optim.warmup_tokens, 0) / span, 1.0)
     cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
     return optim.min_lr + cosine * (optim.lr - optim.min_lr)
+
+
+# ------------------------------------------------------------------- skipped data
+
+
+def skip_past(consumed: int, skipped_ranges: list[list[int]]) -> int:
+    """Where the next batch starts: `consumed`, or the end of a skipped range it falls in.
+
+    After a rollback the run replays from the checkpoint and reaches the bad range's start
+    at a step boundary (batches depend only on consumed samples), then jumps past it: only
+    the recorded range is left out, not the good steps between the checkpoint and it."""
+    moved = True
+    while moved:
+        moved = False
+        for start, end in skipped_ranges:
+            if start <= consumed < end:
+                consumed, moved = end, True
+    return consumed
+
+
+def samples_trained(consumed: int, skipped_ranges: list[list[int]]) -> int:
+    """Samples actually trained on once `consumed` samples of the order are behind: the
+    skipped ranges do not count (tokens and the learning-rate schedule follow this)."""
+    skipped = sum(max(0, min(end, consumed) - start) for start, end in skipped_ranges)
+    return consumed - skipped

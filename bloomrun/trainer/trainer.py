@@ -35,6 +35,8 @@ from bloomrun.trainer.schedule import (
     micro_batches,
     rank_sample_indices,
     run_length,
+    samples_trained,
+    skip_past,
 )
 
 log = logging.getLogger("bloomrun.trainer")
@@ -196,11 +198,13 @@ class Trainer:
     def train_step(self) -> StepResult:
         """One optimiser step over the global batch that starts at consumed_samples."""
         training = self.cfg.training
-        consumed = self.state.consumed_samples
+        skipped = self.state.skipped_ranges
+        consumed = self.state.consumed_samples = skip_past(self.state.consumed_samples, skipped)
         global_batch = self._set_batch_size(consumed)
         indices = rank_sample_indices(consumed, global_batch, self.world.rank, self.world.world_size,
                                       training.micro_batch_size)
-        lr = learning_rate(self._tokens_of(consumed + global_batch), self.cfg.optim, self.decay_tokens)
+        lr = learning_rate(self._tokens_of(samples_trained(consumed + global_batch, skipped)), self.cfg.optim,
+                           self.decay_tokens)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
@@ -214,7 +218,7 @@ class Trainer:
 
         self.state.step += 1
         self.state.consumed_samples += global_batch
-        self.state.tokens = self._tokens_of(self.state.consumed_samples)
+        self.state.tokens = self._tokens_of(samples_trained(self.state.consumed_samples, skipped))
         if applied:
             self.state.optimizer_steps += 1
         every = self.cfg.checkpoint.every_steps
@@ -393,7 +397,9 @@ class Trainer:
 
     def rollback(self) -> None:
         """BLOOM's remedy for a run that keeps producing bad steps: back to the last good
-        checkpoint, and past the data that caused it (plus skipStepsAfterRollback batches)."""
+        checkpoint, replay the good steps after it, and skip exactly the bad streak's samples
+        plus skipStepsAfterRollback batches. The skipped range is recorded in every later
+        checkpoint; tokens and the learning rate count only samples trained on."""
         policy = self.cfg.training.nan_policy
         skip_end = self.state.consumed_samples
         for _ in range(policy.skip_steps_after_rollback):
@@ -409,8 +415,8 @@ class Trainer:
             # Bad steps never reached the weights, so the current ones are as good as any.
             where = "the current weights (no checkpoint yet)"
         self.state.skipped_steps, self.state.rollbacks, self.state.skipped_ranges = counters
-        self.state.consumed_samples = skip_end
-        self.state.tokens = self._tokens_of(skip_end)
+        # From here train_step replays up to the range and jumps over it (skip_past).
+        self.state.tokens = self._tokens_of(samples_trained(self.state.consumed_samples, self.state.skipped_ranges))
         self._bad_streak = 0
         if self.metrics is not None:
             self.metrics.rollbacks.set(self.state.rollbacks)

@@ -167,3 +167,12 @@ def test_blend_share_over_a_run(data_cfg):
     sources = [samples.source_of(i) for i in range(4000)]
     assert abs(sources.count(1) / 4000 - 0.25) < 0.005
     assert samples.names == ["a", "b"]
+
+
+def test_skipped_ranges_are_jumped_at_their_start_and_not_counted_as_trained():
+    from bloomrun.trainer.schedule import samples_trained, skip_past
+
+    ranges = [[24, 48], [48, 56], [100, 108]]
+    assert [skip_past(c, ranges) for c in (0, 16, 24, 30, 47, 48, 56, 100, 108)] == [0, 16, 56, 56, 56, 56, 56, 108, 108]
+    assert [samples_trained(c, ranges) for c in (16, 24, 40, 56, 72, 108)] == [16, 24, 24, 24, 40, 68]
+    assert skip_past(5, []) == 5 and samples_trained(5, []) == 5

@@ -81,3 +81,24 @@ def test_poisoned_steps_roll_back_metrics_scrape_and_sigterm_checkpoints(tmp_pat
     meta = json.loads((newest / "metadata.json").read_text())
     assert (meta["rollbacks"], meta["skipped_steps"], meta["skipped_ranges"]) == (1, 2, [[16, 40]])
     assert all(t.isfinite().all() for t in load_file(newest / "model.safetensors").values())
+
+
+def test_a_rollback_replays_the_good_steps_after_the_checkpoint_and_skips_only_the_bad_range(tmp_path):
+    """Checkpoint at step 2 (16 samples), step 3 good, steps 4-5 poisoned: the rollback goes
+    back to step 2, trains samples 16-24 again (they were good) and skips exactly [24, 48):
+    the two bad batches and one more. The samples trained in all are the uninterrupted
+    order minus that range, and tokens count what was trained."""
+    corpus = write_corpus(tmp_path / "corpus")
+    checkpoints = tmp_path / "run" / "checkpoints"
+    cfg = config(corpus, checkpoints, steps=6, every=2,
+                 nanPolicy={"maxConsecutiveBadSteps": 2, "skipStepsAfterRollback": 1})
+    run = Run(tmp_path / "run", cfg, env={"BLOOMRUN_POISON_SAMPLES": "24:40"}).run()
+    records = run.trace(0)
+    assert [(r["step"], r["applied"]) for r in records] == [
+        (1, True), (2, True), (3, True), (4, False), (5, False), (3, True), (4, True), (5, True), (6, True)]
+    steps = run.global_steps()
+    trained = [i for s in sorted(steps) for i in steps[s]["indices"]]
+    assert trained == [*range(0, 24), *range(48, 72)]  # uninterrupted order minus [24, 48)
+    meta = json.loads((checkpoints / "step-00000006" / "metadata.json").read_text())
+    assert meta["skipped_ranges"] == [[24, 48]] and meta["consumed_samples"] == 72
+    assert meta["tokens"] == 48 * 32  # 48 samples trained, of 32 tokens
