@@ -15,6 +15,7 @@ SUBCOMMANDS = {
     "validate": "check a BloomRun manifest offline with the API server's rules",
     "data": "prepare pretokenized data (Megatron-DeepSpeed .bin/.idx)",
     "export": "export a checkpoint as a Hugging Face BloomForCausalLM directory",
+    "eval": "zero-shot evaluation of a checkpoint with lm-evaluation-harness",
 }
 
 EXIT_USAGE = 2  # bad manifest, bad config, bad arguments: the user's input is wrong
