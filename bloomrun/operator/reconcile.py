@@ -151,10 +151,10 @@ class Plan:
     requeue_after: float | None = None
 
 
-# How the trainer says a failure is permanent (bad config or data, another run's checkpoint,
-# a held run lock): the first words of its termination message (bloomrun.trainer.train).
-# torchrun hides the trainer's own exit code behind its 1, so the message is the one channel
-# that survives it.
+# How the trainer says a failure is permanent (bad config or data, another run's checkpoint;
+# not a held run lock, which clears once its holder is gone): the first words of its
+# termination message (bloomrun.trainer.train). torchrun hides the trainer's own exit code
+# behind its 1, so the message is the one channel that survives it.
 PERMANENT_MARK = "permanent: "
 # torchrun's exit code when its workers failed for good, whatever the cause (measured with
 # torch 2.15: workers exiting 2, 75 or 134 all gave 1) and on its own SIGTERM.

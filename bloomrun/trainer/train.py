@@ -48,11 +48,17 @@ def main(argv: list[str] | None = None) -> int:
     from bloomrun.trainer.data import DataError
     from bloomrun.trainer.faults import FaultHooks
     from bloomrun.trainer.identity import IdentityError
+    from bloomrun.trainer.runlock import RunLocked
     from bloomrun.trainer.trainer import Trainer
 
     try:
         # Faults only where a test's environment asks for them (faults.py); none otherwise.
         trainer = Trainer(cfg, faults=FaultHooks.from_env())
+    except RunLocked as err:
+        # Exit 2 locally, but not a permanent verdict for the operator: a replaced pod may
+        # find its predecessor's lock until that one is gone (or an NFS lease expires).
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     except (DataError, ValueError) as err:
         return refuse(str(err))
     try:
