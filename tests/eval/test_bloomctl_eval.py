@@ -65,6 +65,7 @@ def test_bloomctl_eval_scores_a_trained_run_above_chance_and_above_its_untrained
     assert trained_ppl < before["bloomrun_stories_ppl"] / 10
 
 
+@pytest.mark.slow  # shares the trained run
 def test_bad_input_is_one_line_and_exit_2(trained_run, tmp_path, capsys):
     def refused(*argv) -> str:
         assert main(["eval", *argv]) == 2
