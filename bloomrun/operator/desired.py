@@ -22,6 +22,10 @@ RUN_LABEL = "bloomrun.io/run"
 INDEX_LABEL = "bloomrun.io/worker-index"
 HASH_LABEL = "bloomrun.io/template-hash"
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+# On every pod of a run's network, workers and rendezvous store alike: the headless
+# Service's and the NetworkPolicy's selector. The store pod does not carry RUN_LABEL, which
+# marks the run's workers (the operator's pod index, `kubectl get pods -l bloomrun.io/run=R`).
+MEMBER_LABEL = "bloomrun.io/member-of"
 MANAGED_BY = "app.kubernetes.io/managed-by"
 
 RDZV_PORT = 29400
@@ -80,9 +84,15 @@ def service_account_name(run: Run) -> str:
     return _dns_label(f"{run.name}-trainer")
 
 
+def rendezvous_store_name(run: Run) -> str:
+    return _dns_label(f"{run.name}-rendezvous")
+
+
 def rendezvous_endpoint(run: Run) -> str:
-    """worker-0's stable DNS name under the headless Service: it hosts the c10d store."""
-    return f"{worker_name(run, 0)}.{service_name(run)}.{run.namespace}.svc:{RDZV_PORT}"
+    """The rendezvous store pod's stable DNS name under the headless Service (its hostname
+    and subdomain): no worker hosts the store, so losing any one of them, worker-0
+    included, leaves the others to re-form (bloomrun/trainer/rendezvous_store.py)."""
+    return f"{rendezvous_store_name(run)}.{service_name(run)}.{run.namespace}.svc:{RDZV_PORT}"
 
 
 def labels(run: Run, component: str) -> dict[str, str]:
@@ -100,7 +110,7 @@ def labels(run: Run, component: str) -> dict[str, str]:
 def worker_labels(run: Run, index: int) -> dict[str, str]:
     """A worker's own labels. The Kueue queue goes on the pods only: Kueue admits pods, and
     on the ConfigMap, Service and RBAC objects the label named a queue nothing admits."""
-    result = {INDEX_LABEL: str(index), HASH_LABEL: template_hash(run)}
+    result = {INDEX_LABEL: str(index), HASH_LABEL: template_hash(run), MEMBER_LABEL: run.name}
     if run.spec.queue:
         result[QUEUE_LABEL] = run.spec.queue
     return result
@@ -151,7 +161,7 @@ def desired_service(run: Run) -> dict:
         "apiVersion": "v1", "kind": "Service", "metadata": _metadata(run, service_name(run), "rendezvous"),
         "spec": {
             "clusterIP": "None",
-            "selector": {RUN_LABEL: run.name, MANAGED_BY: OPERATOR},
+            "selector": {MEMBER_LABEL: run.name, MANAGED_BY: OPERATOR},
             # The rendezvous host must resolve before its peers are Ready.
             "publishNotReadyAddresses": True,
             "ports": [{"name": "rdzv", "port": RDZV_PORT, "targetPort": RDZV_PORT}],
@@ -174,7 +184,7 @@ def desired_network_policy(run: Run) -> dict:
     2.15, issue 20), and NCCL and torchrun's per-job store listen on ports picked at run
     time, so the rule is by peer, not by port. Enforced where the cluster's network plugin
     enforces NetworkPolicy; docs/operator.md says what it assumes."""
-    own = {"podSelector": {"matchLabels": {RUN_LABEL: run.name, MANAGED_BY: OPERATOR}}}
+    own = {"podSelector": {"matchLabels": {MEMBER_LABEL: run.name, MANAGED_BY: OPERATOR}}}
     ingress: list[dict] = [{"from": [own]}]
     if run.spec.metrics.port:
         ingress.append({"from": [{"namespaceSelector": {"matchLabels": {SCRAPER_NAMESPACE_LABEL: "true"}}}],
@@ -183,6 +193,41 @@ def desired_network_policy(run: Run) -> dict:
         "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
         "metadata": _metadata(run, network_policy_name(run), "network-policy"),
         "spec": {"podSelector": own["podSelector"], "policyTypes": ["Ingress"], "ingress": ingress},
+    }
+
+
+STORE_COMPONENT = "rendezvous-store"
+
+
+def desired_rendezvous_store(run: Run) -> dict:
+    """The run's c10d store in a pod of its own, recreated by its Deployment if it dies (the
+    agents then re-form; rendezvous state is rewritten every round). Placed on the run's
+    pool (a cluster may have no untainted node), small, no GPU, no API token."""
+    selector = {MEMBER_LABEL: run.name, MANAGED_BY: OPERATOR, "app.kubernetes.io/component": STORE_COMPONENT}
+    container = {
+        "name": "store", "image": run.spec.image,
+        "command": ["python", "-m", "bloomrun.trainer.rendezvous_store", f"--port={RDZV_PORT}"],
+        "ports": [{"name": "rdzv", "containerPort": RDZV_PORT}],
+        "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}},
+        "securityContext": restricted_security_context(),
+    }
+    pod_spec = {
+        "hostname": rendezvous_store_name(run), "subdomain": service_name(run),
+        "automountServiceAccountToken": False, "enableServiceLinks": False,
+        "securityContext": {"runAsNonRoot": True, "runAsUser": RUN_AS_USER, "runAsGroup": RUN_AS_USER,
+                            "seccompProfile": {"type": "RuntimeDefault"}},
+        "nodeSelector": dict(run.spec.pool.node_selector), "tolerations": worker_tolerations(run),
+        "containers": [container],
+    }
+    return {
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": _metadata(run, rendezvous_store_name(run), STORE_COMPONENT),
+        "spec": {
+            "replicas": 1, "strategy": {"type": "Recreate"},  # never two stores for one run
+            "selector": {"matchLabels": selector},
+            "template": {"metadata": {"labels": selector | {"app.kubernetes.io/part-of": "bloomrun"}},
+                         "spec": pod_spec},
+        },
     }
 
 
@@ -208,7 +253,8 @@ def desired_rbac(run: Run) -> list[dict]:
 
 def desired_infra(run: Run) -> list[dict]:
     """Every child but the worker pods, in the order they should be applied."""
-    return [*desired_rbac(run), desired_config_map(run), desired_service(run), desired_network_policy(run)]
+    return [*desired_rbac(run), desired_config_map(run), desired_service(run), desired_network_policy(run),
+            desired_rendezvous_store(run)]
 
 
 @dataclass(frozen=True)
@@ -229,6 +275,7 @@ INFRA_KINDS = (
     ChildKind("ConfigMap", "v1", "configmaps", config_map_name),
     ChildKind("Service", "v1", "services", service_name),
     ChildKind("NetworkPolicy", "networking.k8s.io/v1", "networkpolicies", network_policy_name),
+    ChildKind("Deployment", "apps/v1", "deployments", rendezvous_store_name),
 )
 WORKER_KIND = ChildKind("Pod", "v1", "pods")
 CHILD_KINDS = (*INFRA_KINDS, WORKER_KIND)
@@ -250,7 +297,8 @@ def content_hash(objects: Any) -> str:
 def torchrun_launch(run: Run) -> elastic.Launch:
     spec = run.spec
     # Never the default id: jobs sharing an endpoint would share rendezvous state.
-    rendezvous = elastic.Rendezvous(rendezvous_endpoint(run), run.uid, nnodes=f"{spec.nodes.min}:{spec.nodes.max}")
+    rendezvous = elastic.Rendezvous(rendezvous_endpoint(run), run.uid, nnodes=f"{spec.nodes.min}:{spec.nodes.max}",
+                                    is_host=False)  # the store pod hosts it
     return elastic.Launch(f"{CONFIG_DIR}/{CONFIG_FILE}", rendezvous, nproc=max(spec.gpus_per_node, 1),
                           max_restarts=TORCHRUN_MAX_RESTARTS)
 

@@ -240,7 +240,6 @@ def plan(run: desired.Run, status: BloomRunStatus, pods: list[PodView], now: dat
     _replace_lost_workers(draft)
     _finish_or_stop(draft)
     _delete_surplus_workers(draft)
-    _move_rendezvous_host(draft)
     _create_missing_workers(draft)
     _set_phase(draft)
     _set_conditions(draft, _phase_reason(draft))
@@ -335,19 +334,6 @@ def _delete_surplus_workers(d: Draft) -> None:
             reason = "SpecChanged"
         if reason:
             d.delete(pod, reason)
-
-
-def _move_rendezvous_host(d: Draft) -> None:
-    """worker-0 hosts the rendezvous (its stable name is the endpoint): if it cannot be placed
-    while others run, the survivors can never re-rendezvous. Give it the node of the
-    highest-index running worker, which is recreated and waits instead."""
-    live = d.live()
-    host = next((p for p in live if p.index == 0), None)
-    movers = sorted((p for p in live if p.index > 0 and p.phase == "Running"), key=lambda p: p.index)
-    if host and host.unschedulable and host.phase == "Pending" and movers and not d.terminal:
-        mover = movers[-1]
-        d.delete(mover, "RendezvousHostMoved")
-        d.event("Normal", "RendezvousHostMoved", f"{mover.name} makes room for {host.name}, which hosts the rendezvous")
 
 
 def _create_missing_workers(d: Draft) -> None:

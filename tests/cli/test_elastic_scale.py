@@ -174,3 +174,31 @@ def test_a_node_stopped_with_sigterm_leaves_the_other_training_from_the_stop_che
     finally:
         for agent in cluster.started:
             agent.kill_all()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_with_the_store_apart_losing_the_first_node_leaves_the_other_training(tmp_path):
+    """What pods do (bloomrun/trainer/rendezvous_store.py): the c10d store runs apart and every
+    agent joins it. Losing the first node, which used to host the store and take the
+    rendezvous with it (the other agent exited within a second), leaves the other training."""
+    cluster = Cluster(tmp_path)
+    checkpoints = tmp_path / "checkpoints"
+    port = cluster.endpoint.rsplit(":", 1)[1]
+    store = Started([sys.executable, "-m", "bloomrun.trainer.rendezvous_store", f"--port={port}"],
+                    tmp_path / "store.log", dict(os.environ))
+    try:
+        wait_until(lambda: "listening" in store.text(), 60, "the store")
+        node_a = cluster.agent("a", is_host=False)
+        node_b = cluster.agent("b", is_host=False)
+        wait_until(lambda: cluster.starts() and newest_checkpoint_step(checkpoints) >= EVERY, 240, "two nodes training")
+        assert cluster.starts()[0] == (2, 0)
+        before = newest_checkpoint_step(checkpoints)
+        node_a.kill_all()  # the first node: agent and worker at once
+        wait_until(lambda: len(cluster.starts()) >= 2 and cluster.steps_after_start(1), 180, "node B alone")
+        world, resumed = cluster.starts()[1]
+        assert world == 1 and resumed >= before and node_b.proc.poll() is None
+    finally:
+        for agent in cluster.started:
+            agent.kill_all()
+        store.kill_all()

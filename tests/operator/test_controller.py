@@ -60,8 +60,8 @@ def test_children_then_status_then_pods_then_events():
     kube = FakeKube(run_body())
     controller_for(kube).reconcile("team-a", "ablation")
     kinds = [c[0] for c in kube.calls]
-    assert kinds[:6] == ["apply"] * 6
-    assert kinds[6] == "status" and kube.calls[6][1] == "41"  # conditional on what was read
+    assert kinds[:7] == ["apply"] * 7
+    assert kinds[7] == "status" and kube.calls[7][1] == "41"  # conditional on what was read
     assert [c for c in kube.calls if c[0] == "create"] == [("create", "ablation-worker-0"), ("create", "ablation-worker-1")]
     assert kinds.index("event") > kinds.index("create")
 
@@ -101,7 +101,7 @@ def test_children_are_applied_again_only_when_the_watches_miss_one():
     existing.discard(("ConfigMap", "ablation-config"))
     controller.reconcile("team-a", "ablation")
     assert [c for c in kube.calls if c[0] == "apply"] == [("apply", k) for k in (
-        "ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Service", "NetworkPolicy")]
+        "ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Service", "NetworkPolicy", "Deployment")]
 
 
 def test_a_namespace_being_deleted_ends_the_reconcile_quietly():

@@ -14,7 +14,8 @@ def test_worker_pod_runs_elastic_torchrun_with_a_unique_rendezvous(run):
     command = pod["spec"]["containers"][0]["command"]
     assert command[:3] == ["torchrun", "--nnodes=2:3", "--nproc-per-node=8"]
     assert "--rdzv-backend=c10d" in command
-    assert "--rdzv-endpoint=ablation-worker-0.ablation.team-a.svc:29400" in command
+    assert "--rdzv-endpoint=ablation-rendezvous.ablation.team-a.svc:29400" in command  # the store pod, no worker
+    assert any(a.startswith("--rdzv-conf=") and "is_host=false" in a for a in command)
     assert "--rdzv-id=uid-1234" in command  # never the default id shared between jobs
     assert any(a.startswith("--rdzv-conf=last_call_timeout=2") for a in command)
     assert command[-2:] == ["--config", "/etc/bloomrun/config.yaml"]
@@ -157,3 +158,20 @@ def test_only_the_runs_own_workers_reach_its_ports_and_scrapers_only_the_metrics
     assert scrape["from"] == [{"namespaceSelector": {"matchLabels": {desired.SCRAPER_NAMESPACE_LABEL: "true"}}}]
     other = desired.desired_network_policy(make_run(metrics={"port": 0}))
     assert len(other["spec"]["ingress"]) == 1  # no metrics port, no scrape rule
+
+
+def test_the_rendezvous_store_is_a_pod_of_its_own_reachable_by_name_and_no_worker(run):
+    """Losing worker-0 must not take the rendezvous with it (issue 19): the store runs apart."""
+    store = next(o for o in desired.desired_infra(run) if o["kind"] == "Deployment")
+    pod = store["spec"]["template"]
+    assert store["spec"]["replicas"] == 1 and store["spec"]["strategy"] == {"type": "Recreate"}
+    assert pod["spec"]["hostname"] == "ablation-rendezvous" and pod["spec"]["subdomain"] == desired.service_name(run)
+    assert pod["spec"]["containers"][0]["command"][:3] == ["python", "-m", "bloomrun.trainer.rendezvous_store"]
+    assert pod["spec"]["automountServiceAccountToken"] is False
+    assert store["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    assert desired.RUN_LABEL not in pod["metadata"]["labels"]  # not counted as a worker
+    service = next(o for o in desired.desired_infra(run) if o["kind"] == "Service")
+    policy = next(o for o in desired.desired_infra(run) if o["kind"] == "NetworkPolicy")
+    worker = desired.desired_worker(run, 0)["metadata"]["labels"]
+    for selector in (service["spec"]["selector"], policy["spec"]["podSelector"]["matchLabels"]):
+        assert selector.items() <= pod["metadata"]["labels"].items() and selector.items() <= worker.items()

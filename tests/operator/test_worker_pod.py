@@ -89,7 +89,15 @@ def tiny_run(checkpoints: Path) -> desired.Run:
     return desired.Run("tiny", "team-a", "0f6c1a2e-uid", 1, spec)
 
 
-def pod_command(run: desired.Run, config_dir: Path) -> tuple[list[str], dict[str, str]]:
+def store_command(run: desired.Run, port: int) -> list[str]:
+    """The rendezvous store pod's command (its Deployment's), on a local port."""
+    store = next(o for o in desired.desired_infra(run) if o["kind"] == "Deployment")
+    command = store["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert command[0] == "python"
+    return [sys.executable, *command[1:-1], f"--port={port}"]
+
+
+def pod_command(run: desired.Run, config_dir: Path, endpoint: str) -> tuple[list[str], dict[str, str]]:
     """The worker container's command and env, and its ConfigMap written where it is mounted."""
     config_map = next(o for o in desired.desired_infra(run) if o["kind"] == "ConfigMap")
     for name, text in config_map["data"].items():
@@ -97,9 +105,8 @@ def pod_command(run: desired.Run, config_dir: Path) -> tuple[list[str], dict[str
     container = desired.desired_worker(run, 0)["spec"]["containers"][0]
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     assert mounts["config"] == desired.CONFIG_DIR
-    local_endpoint = f"127.0.0.1:{elastic.free_ports(1)[0]}"
     command = [arg.replace(desired.CONFIG_DIR, str(config_dir))
-               .replace(desired.rendezvous_endpoint(run), local_endpoint) for arg in container["command"]]
+               .replace(desired.rendezvous_endpoint(run), endpoint) for arg in container["command"]]
     assert command != container["command"]
     return command, {e["name"]: e["value"] for e in container["env"]}
 
@@ -109,11 +116,19 @@ def test_the_worker_pods_trainer_trains_and_checkpoints_as_non_root_in_a_read_on
         Path(root).chmod(0o755)  # the pod's user reaches its folders (mkdtemp makes it 0700)
         paths = folders(Path(root))
         run = tiny_run(paths["checkpoints"])
-        command, pod_env = pod_command(run, paths["config"])
+        port = elastic.free_ports(1)[0]
+        command, pod_env = pod_command(run, paths["config"], f"127.0.0.1:{port}")
         env = image_env(paths["home"], paths["tmp"]) | pod_env
         prefix, _ = pod_user()
-        result = subprocess.run([*prefix, *command], cwd=paths["home"], env=env, capture_output=True, text=True,
-                                timeout=600)
+        # The run's rendezvous store, as its own pod would run it (the worker only joins it).
+        store = subprocess.Popen([*prefix, *store_command(run, port)], cwd=paths["home"], env=env,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            result = subprocess.run([*prefix, *command], cwd=paths["home"], env=env, capture_output=True,
+                                    text=True, timeout=600)
+        finally:
+            store.terminate()
+            assert store.wait(30) == 0  # SIGTERM ends the store cleanly
         output = result.stdout + result.stderr
         assert result.returncode == 0, output[-4000:]
         found = ckpt.newest_complete(paths["checkpoints"] / "team-a" / "tiny" / "0f6c1a2e-uid")  # the run's own
