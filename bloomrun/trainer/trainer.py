@@ -74,6 +74,11 @@ class Trainer:
 
     def __init__(self, cfg: TrainerConfig, world: parallel.World | None = None, *,
                  faults: FaultHooks = FaultHooks(), serve_metrics: bool = True):
+        """A run's set-up, in the order it must happen (data checked before anything starts,
+        the lock after, distributed before the model, the engine before its state), one or
+        two lines a step under a comment each: longer than 60 lines on purpose, since split
+        into helpers the order would no longer read from top to bottom (torchtitan's
+        Trainer.__init__ is written the same way)."""
         from bloomrun.trainer.data import build_train_samples, validate_data
         from bloomrun.trainer.model import ModelArgs, build_model
 
