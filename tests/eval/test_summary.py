@@ -1,0 +1,36 @@
+"""The paper's two means from lm-eval's results: pure arithmetic on a results dict."""
+
+import pytest
+
+from bloomrun.cli.eval import format_summary
+from bloomrun.eval.runner import results_path, summarize
+
+
+def test_mean_and_random_baseline_normalised_mean():
+    results = {
+        "results": {
+            "copa": {"acc,none": 0.70, "acc_stderr,none": 0.046},  # 2 choices: random 0.5
+            "arc_easy": {"acc,none": 0.55, "acc_stderr,none": 0.01, "acc_norm,none": 0.5},  # 4: 0.25
+            "triviaqa": {"exact_match,remove_whitespace": 0.0, "exact_match,none": 0.05},  # random 0
+            "bloomrun_stories_ppl": {"word_perplexity,none": 15.6, "word_perplexity_stderr,none": "N/A"},
+        },
+        "n-samples": {"copa": {"original": 100, "effective": 100}},
+    }
+    summary = summarize(results, {"copa": 0.5, "arc_easy": 0.25, "triviaqa": 0.0})
+    by_task = {s.task: s for s in summary.scores}
+    assert by_task["arc_easy"].metric == "acc" and by_task["triviaqa"].metric == "exact_match"
+    assert by_task["copa"].normalised == pytest.approx(0.4)
+    assert by_task["arc_easy"].normalised == pytest.approx(0.4)
+    assert summary.mean == pytest.approx((0.70 + 0.55 + 0.05) / 3)
+    assert summary.normalised_mean == pytest.approx((0.4 + 0.4 + 0.05) / 3)
+    ppl = by_task["bloomrun_stories_ppl"]
+    assert (ppl.metric, ppl.value, ppl.random, ppl.normalised) == ("word_perplexity", 15.6, None, None)
+    assert by_task["copa"].num_samples == 100
+    table = format_summary(summary)
+    assert "copa" in table and "0.4000" in table
+    assert table.splitlines()[-1] == "mean acc 0.4333, random-baseline-normalised mean 0.2833 (3 tasks)"
+
+
+def test_results_live_beside_the_checkpoint_not_inside_it(tmp_path):
+    step_dir = tmp_path / "checkpoints" / "step-00000300"
+    assert results_path(step_dir) == tmp_path / "checkpoints" / "step-00000300.eval.json"
