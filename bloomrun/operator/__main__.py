@@ -9,6 +9,7 @@ import sys
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from bloomrun.operator.metrics import DEFAULT_PORT
+    from bloomrun.operator.spec import DEFAULT_IMAGE
 
     parser = argparse.ArgumentParser(prog="python -m bloomrun.operator", description=__doc__)
     parser.add_argument("-n", "--namespace", action="append", default=[],
@@ -22,6 +23,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="liveness endpoint URL ('' for none)")
     parser.add_argument("--metrics-port", type=int, default=DEFAULT_PORT, help="Prometheus port (0: off)")
     parser.add_argument("--timer-interval", type=float, default=10.0, help="seconds between safety-net reconciles")
+    parser.add_argument("--trainer-image", default=DEFAULT_IMAGE,
+                        help=f"trainer image of runs whose spec names none (default {DEFAULT_IMAGE})")
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser.parse_args(argv)
 
@@ -33,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     from bloomrun.operator.main import Options, register
 
     registry = register(Options(metrics_port=args.metrics_port, timer_interval_s=args.timer_interval,
-                                namespaces=tuple(args.namespace)))
+                                namespaces=tuple(args.namespace), trainer_image=args.trainer_image))
     kopf.configure(verbose=args.verbose)
     logging.getLogger("kubernetes").setLevel(logging.WARNING)
     if not args.verbose:  # one INFO line per handler call costs more than the reconcile itself

@@ -27,7 +27,7 @@ from bloomrun.operator.desired import Run
 from bloomrun.operator.kube import ApiError, Conflict, ForeignObject, Kube, NamespaceTerminating
 from bloomrun.operator.metrics import OperatorMetrics
 from bloomrun.operator.reconcile import FOREIGN_CHILD, INVALID_SPEC, PodView
-from bloomrun.operator.spec import BloomRunStatus, ManifestError
+from bloomrun.operator.spec import DEFAULT_IMAGE, BloomRunStatus, ManifestError
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ class Schedule:
 
 class Controller:
     def __init__(self, kube: Kube, metrics: OperatorMetrics, pods: PodsSource, infra: InfraSource | None = None,
-                 nodes: NodesSource | None = None, interval_s: float = 10.0):
+                 nodes: NodesSource | None = None, interval_s: float = 10.0, default_image: str = DEFAULT_IMAGE):
         """`infra` None: which children exist is unknown (they are applied when the spec
         changes only); `nodes` None: a NodeNames list of the cluster's nodes."""
         self.kube = kube
@@ -125,6 +125,7 @@ class Controller:
         self.infra = infra
         self.nodes = nodes or NodeNames(kube)
         self.interval_s = interval_s  # the safety net: events drive reconciles, this catches the rest
+        self.default_image = default_image  # for runs whose spec names no trainer image
         self.schedule = Schedule()
         self._locks: dict[tuple[str, str], threading.Lock] = {}
         self._locks_guard = threading.Lock()
@@ -157,7 +158,7 @@ class Controller:
         status = BloomRunStatus.model_validate(body.get("status") or {})
         now = datetime.now(timezone.utc)
         try:
-            run = Run.from_body(body)
+            run = Run.from_body(body, self.default_image)
         except ManifestError as err:
             self._refuse(body, status, str(err), now)
             return

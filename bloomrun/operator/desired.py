@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any, Callable
 
-from bloomrun.operator.spec import API_VERSION, KIND, PLURAL, GROUP, BloomRunSpec, ManifestError
+from bloomrun.operator.spec import API_VERSION, DEFAULT_IMAGE, GROUP, KIND, PLURAL, BloomRunSpec, ManifestError
 from bloomrun.trainer import elastic
 from bloomrun.trainer.config import TrainerConfig
 from bloomrun.trainer.resolve import config_yaml, resolve_config
@@ -47,9 +47,15 @@ class Run:
     uid: str
     generation: int
     spec: BloomRunSpec
+    default_image: str = DEFAULT_IMAGE
+    """The trainer image when the spec names none: the operator's --trainer-image."""
+
+    @property
+    def image(self) -> str:
+        return self.spec.image or self.default_image
 
     @classmethod
-    def from_body(cls, body: dict) -> "Run":
+    def from_body(cls, body: dict, default_image: str = DEFAULT_IMAGE) -> "Run":
         """Raises ManifestError when the stored spec fails the pydantic checks."""
         from bloomrun.operator.spec import parse_manifest
 
@@ -57,7 +63,8 @@ class Run:
         document = {k: body[k] for k in ("apiVersion", "kind", "spec") if k in body}
         document["metadata"] = {"name": meta["name"], "namespace": meta.get("namespace")}
         run = parse_manifest(document)
-        return cls(meta["name"], meta["namespace"], meta.get("uid", ""), meta.get("generation", 1), run.spec)
+        return cls(meta["name"], meta["namespace"], meta.get("uid", ""), meta.get("generation", 1), run.spec,
+                   default_image)
 
 
 # ------------------------------------------------------------------------------ names
@@ -205,7 +212,7 @@ def desired_rendezvous_store(run: Run) -> dict:
     pool (a cluster may have no untainted node), small, no GPU, no API token."""
     selector = {MEMBER_LABEL: run.name, MANAGED_BY: OPERATOR, "app.kubernetes.io/component": STORE_COMPONENT}
     container = {
-        "name": "store", "image": run.spec.image,
+        "name": "store", "image": run.image,
         "command": ["python", "-m", "bloomrun.trainer.rendezvous_store", f"--port={RDZV_PORT}"],
         "ports": [{"name": "rdzv", "containerPort": RDZV_PORT}],
         "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}},
@@ -360,7 +367,7 @@ def worker_pod_spec(run: Run) -> dict:
     shm = {"medium": "Memory"} | ({"sizeLimit": spec.shm_size} if spec.shm_size else {})
     container = {
         "name": "trainer",
-        "image": spec.image,
+        "image": run.image,
         "command": torchrun_command(run),
         "env": worker_env(run),
         "ports": [{"name": "rdzv", "containerPort": RDZV_PORT},

@@ -24,7 +24,7 @@ from bloomrun.operator.desired import INFRA_KINDS, MANAGED_BY, OPERATOR, RUN_LAB
 from bloomrun.operator.kube import Kube
 from bloomrun.operator.metrics import DEFAULT_PORT, OperatorMetrics
 from bloomrun.operator.reconcile import PodView
-from bloomrun.operator.spec import GROUP, PLURAL, VERSION
+from bloomrun.operator.spec import DEFAULT_IMAGE, GROUP, PLURAL, VERSION
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,7 @@ class Options:
     timer_interval_s: float = 10.0  # the safety net: events drive reconciles, this catches the rest
     max_workers: int = 16  # kopf's threads for sync handlers
     namespaces: tuple[str, ...] = ()  # empty: cluster-wide
+    trainer_image: str = DEFAULT_IMAGE  # for runs whose spec names none
 
 
 def needs_scanning(namespaces: tuple[str, ...]) -> bool:
@@ -105,7 +106,7 @@ def configure(param: Options, settings: kopf.OperatorSettings, memo: kopf.Memo, 
     pods = kwargs[index_id(WORKER_KIND)]
     infra = [kwargs[index_id(child)] for child in INFRA_KINDS]
     memo.controller = Controller(
-        kube, metrics, interval_s=options.timer_interval_s,
+        kube, metrics, interval_s=options.timer_interval_s, default_image=options.trainer_image,
         pods=lambda ns, run: _snapshot(pods, (ns, run)),
         infra=lambda ns, run: {c for index in infra for c in _snapshot(index, (ns, run))})
 

@@ -353,8 +353,9 @@ class BloomRunSpec(TrainerConfig):
     checkpoint: RunCheckpointConfig = RunCheckpointConfig()
     """Checkpoint cadence and retention (where checkpoints go is the launcher's choice)."""
 
-    image: str = Field(default=DEFAULT_IMAGE, min_length=1, max_length=512)
-    """Trainer container image."""
+    image: str | None = Field(default=None, min_length=1, max_length=512)
+    """Trainer container image; unset: the operator's default (the chart's trainerImage,
+    so a private registry is one value of the install)."""
     nodes: NodeRange = NodeRange()
     """Worker nodes, elastic between min and max."""
     gpus_per_node: int = Field(default=8, ge=0, le=16)

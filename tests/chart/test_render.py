@@ -191,3 +191,11 @@ def test_should_keep_trainers_to_status_progress_with_the_generated_rule():
     assert binding["spec"]["policyName"] == policy["metadata"]["name"]
     assert binding["spec"]["validationActions"] == ["Deny"]
     assert not of_kind(render({"trainerStatusPolicy": {"enabled": False}}), "ValidatingAdmissionPolicy")
+
+
+def test_should_give_the_operator_the_trainer_image_of_runs_that_name_none():
+    """A private registry is one value, not a spec.image in every manifest."""
+    args = only(render(), "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--trainer-image=ghcr.io/bloomrun/trainer:0.1.0" in args
+    custom = render({"trainerImage": {"repository": "registry.corp/ml/trainer", "tag": "7"}})
+    assert "--trainer-image=registry.corp/ml/trainer:7" in only(custom, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]

@@ -175,3 +175,14 @@ def test_the_rendezvous_store_is_a_pod_of_its_own_reachable_by_name_and_no_worke
     worker = desired.desired_worker(run, 0)["metadata"]["labels"]
     for selector in (service["spec"]["selector"], policy["spec"]["podSelector"]["matchLabels"]):
         assert selector.items() <= pod["metadata"]["labels"].items() and selector.items() <= worker.items()
+
+
+def test_the_trainer_image_is_the_specs_or_else_the_operators_default():
+    plain = make_run()
+    assert plain.spec.image is None
+    custom = desired.Run(plain.name, plain.namespace, plain.uid, 1, plain.spec, default_image="registry.corp/trainer:7")
+    for run, image in ((plain, desired.DEFAULT_IMAGE), (custom, "registry.corp/trainer:7"),
+                       (make_run(image="mine:1"), "mine:1")):
+        assert desired.desired_worker(run, 0)["spec"]["containers"][0]["image"] == image
+        store = next(o for o in desired.desired_infra(run) if o["kind"] == "Deployment")
+        assert store["spec"]["template"]["spec"]["containers"][0]["image"] == image

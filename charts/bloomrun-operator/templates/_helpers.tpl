@@ -59,6 +59,7 @@ app.kubernetes.io/part-of: bloomrun
 {{- define "bloomrun-operator.args" -}}
 - --liveness=http://0.0.0.0:{{ .Values.health.port }}/healthz
 - --metrics-port={{ .Values.metrics.port }}
+- --trainer-image={{ printf "%s:%s" .Values.trainerImage.repository (default .Chart.AppVersion .Values.trainerImage.tag) }}
 {{- if .Values.operator.verbose }}
 - --verbose
 {{- end }}
