@@ -9,7 +9,7 @@ used), so a resumed run needs no scheduler state:
   on exactly the samples an uninterrupted run would have: the union over ranks of each step's
   indices is the same set. Rank r takes the r-th contiguous slice and cuts it into
   micro-batches in order.
-- Learning rate (PAPER.md): linear warmup over `warmupTokens`, then cosine decay to `minLr`,
+- Learning rate (the paper's recipe, Le Scao et al. 2022): linear warmup over `warmupTokens`, then cosine decay to `minLr`,
   measured in tokens rather than steps, as Megatron-DeepSpeed's `--lr-decay-tokens` does.
   Counting tokens keeps the schedule unchanged when the ramp-up changes how many tokens a
   step holds.
