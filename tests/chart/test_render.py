@@ -42,9 +42,10 @@ def test_should_create_each_integration_when_enabled():
 def test_should_install_the_generated_crds_unchanged():
     generated = sorted((REPO / "crds").glob("*.yaml"))
     assert generated, "crds/ is empty: run `make crds`"
-    assert {p.name for p in (CHART / "crds").iterdir()} == {p.name for p in generated}, "run `make chart-crds`"
+    copies = CHART / "charts" / "crds" / "crds"
+    assert {p.name for p in copies.iterdir()} == {p.name for p in generated}, "run `make chart-crds`"
     for source in generated:
-        copy = CHART / "crds" / source.name
+        copy = copies / source.name
         assert copy.exists() and copy.read_text() == source.read_text(), (
             f"{copy.relative_to(REPO)} differs from {source.relative_to(REPO)}: run `make chart-crds`"
         )
@@ -199,3 +200,10 @@ def test_should_give_the_operator_the_trainer_image_of_runs_that_name_none():
     assert "--trainer-image=ghcr.io/bloomrun/trainer:0.1.0" in args
     custom = render({"trainerImage": {"repository": "registry.corp/ml/trainer", "tag": "7"}})
     assert "--trainer-image=registry.corp/ml/trainer:7" in only(custom, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
+
+
+def test_should_leave_the_crds_out_when_asked():
+    """Clusters where an admin installs CRDs: one value, no --skip-crds to remember."""
+    kinds = {o["kind"] for o in render({"crds": {"enabled": False}})}
+    assert "CustomResourceDefinition" not in kinds and "Deployment" in kinds
+    assert "CustomResourceDefinition" in {o["kind"] for o in render()}
