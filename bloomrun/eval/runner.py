@@ -40,7 +40,7 @@ def prepare_environment(task_data_dir: Path | None) -> None:
 def load_tasks(names: list[str], task_data_dir: Path | None, builtin_dir: Path) -> dict:
     """lm-eval Task objects by name, each loaded on its own so that an error names its task."""
     from bloomrun.eval import tasks as builtin
-    from lm_eval.tasks import TaskManager, get_task_dict
+    from lm_eval.tasks import TaskManager
 
     wanted_builtin = [n for n in names if n in builtin.TASKS]
     builtin.write_tasks(builtin_dir, wanted_builtin)
@@ -56,7 +56,7 @@ def load_tasks(names: list[str], task_data_dir: Path | None, builtin_dir: Path) 
             raise EvalError(f"task {name}: neither a task of lm-eval {lm_eval_version()} nor one "
                             f"staged in taskDataDir ({task_data_dir or 'not set'})")
         try:
-            loaded.update(get_task_dict([name], manager))
+            loaded.update(manager.load(name)["tasks"])
         except Exception as err:  # datasets raises many types for data it cannot find offline
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
             raise EvalError(f"task {name}: its data is not staged ({type(err).__name__}: {first}); "
