@@ -212,11 +212,12 @@ def desired_rendezvous_store(run: Run) -> dict:
     pool (a cluster may have no untainted node), small, no GPU, no API token."""
     selector = {MEMBER_LABEL: run.name, MANAGED_BY: OPERATOR, "app.kubernetes.io/component": STORE_COMPONENT}
     container = {
-        "name": "store", "image": run.image,
+        "name": "store", "image": run.image, "imagePullPolicy": image_pull_policy(run),
         "command": ["python", "-m", "bloomrun.trainer.rendezvous_store", f"--port={RDZV_PORT}"],
         "ports": [{"name": "rdzv", "containerPort": RDZV_PORT}],
         "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}},
         "securityContext": restricted_security_context(),
+        "volumeMounts": [scratch_volume()[1]],
     }
     pod_spec = {
         "hostname": rendezvous_store_name(run), "subdomain": service_name(run),
@@ -225,6 +226,7 @@ def desired_rendezvous_store(run: Run) -> dict:
                             "seccompProfile": {"type": "RuntimeDefault"}},
         "nodeSelector": dict(run.spec.pool.node_selector), "tolerations": worker_tolerations(run),
         "containers": [container],
+        "volumes": [scratch_volume()[0]],
     }
     return {
         "apiVersion": "apps/v1", "kind": "Deployment",
@@ -321,6 +323,9 @@ def worker_env(run: Run) -> list[dict]:
         "BLOOMRUN_RUN_NAME": run.name,
         "BLOOMRUN_RUN_NAMESPACE": run.namespace,
         "BLOOMRUN_RUN_UID": run.uid,
+        # The root filesystem is read-only: caches that default to HOME (torch, Triton,
+        # DeepSpeed) go to the scratch volume.
+        "HOME": SCRATCH_DIR,
     }
     user_names = {e.name for e in run.spec.env}
     return [{"name": k, "value": v} for k, v in operator_env.items() if k not in user_names] + [
@@ -355,19 +360,36 @@ def _checkpoint_volume(run: Run) -> dict:
     return {"name": "checkpoints", **source}
 
 
+DEFAULT_SHM_SIZE = "8Gi"
+SCRATCH_DIR = "/tmp"  # the one writable folder of the image's filesystem: caches, HOME
+
+
 def restricted_security_context() -> dict:
-    """What Pod Security's `restricted` level demands of a container."""
+    """What Pod Security's `restricted` level demands of a container, and a read-only root
+    filesystem (a compromised trainer cannot change the image's code for its successors in
+    the pod; what must be written goes to the scratch volume or the checkpoint volume)."""
     return {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
-            "runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+            "runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}, "readOnlyRootFilesystem": True}
+
+
+def image_pull_policy(run: Run) -> str:
+    return run.spec.image_pull_policy or ("IfNotPresent" if "@sha256:" in run.image else "Always")
+
+
+def scratch_volume() -> tuple[dict, dict]:
+    """(volume, mount) of the writable /tmp that the read-only root needs."""
+    return {"name": "scratch", "emptyDir": {"sizeLimit": "4Gi"}}, {"name": "scratch", "mountPath": SCRATCH_DIR}
 
 
 def worker_pod_spec(run: Run) -> dict:
     """The pod spec shared by all workers of a run (the hostname is added per worker)."""
     spec = run.spec
-    shm = {"medium": "Memory"} | ({"sizeLimit": spec.shm_size} if spec.shm_size else {})
+    shm = {"medium": "Memory", "sizeLimit": spec.shm_size or DEFAULT_SHM_SIZE}
+    scratch, scratch_mount = scratch_volume()
     container = {
         "name": "trainer",
         "image": run.image,
+        "imagePullPolicy": image_pull_policy(run),
         "command": torchrun_command(run),
         "env": worker_env(run),
         "ports": [{"name": "rdzv", "containerPort": RDZV_PORT},
@@ -377,6 +399,7 @@ def worker_pod_spec(run: Run) -> dict:
             {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
             {"name": "checkpoints", "mountPath": spec.checkpoint_volume.mount_path},
             {"name": "dshm", "mountPath": "/dev/shm"},
+            scratch_mount,
         ],
         "securityContext": restricted_security_context(),
         # The trainer writes why it stopped to /dev/termination-log (a refused checkpoint,
@@ -403,6 +426,7 @@ def worker_pod_spec(run: Run) -> dict:
             {"name": "config", "configMap": {"name": config_map_name(run)}},
             _checkpoint_volume(run),
             {"name": "dshm", "emptyDir": shm},
+            scratch,
         ],
     }
     if spec.data_volume.claim_name:

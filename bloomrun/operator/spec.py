@@ -356,6 +356,9 @@ class BloomRunSpec(TrainerConfig):
     image: str | None = Field(default=None, min_length=1, max_length=512)
     """Trainer container image; unset: the operator's default (the chart's trainerImage,
     so a private registry is one value of the install)."""
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = None
+    """Unset: Always for a tag (a node's cached copy of another team's private image is not
+    reused without the registry's say), IfNotPresent for an image pinned by digest."""
     nodes: NodeRange = NodeRange()
     """Worker nodes, elastic between min and max."""
     gpus_per_node: int = Field(default=8, ge=0, le=16)
@@ -382,7 +385,8 @@ class BloomRunSpec(TrainerConfig):
         "x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]})  # the server's twin of _unique_env
     """Extra environment variables of the trainer (names torchrun or the operator set are refused)."""
     shm_size: Quantity | None = None
-    """Size limit of the memory-backed /dev/shm (NCCL and data loaders use it); none by default."""
+    """Size limit of the memory-backed /dev/shm (NCCL and data loaders use it); 8Gi by default
+    (it counts against the pod's memory, and without a limit a runaway writer takes the node's)."""
 
     @field_validator("env")
     @classmethod

@@ -58,7 +58,8 @@ def test_worker_pod_lands_on_the_gpu_pool_with_restricted_security(run):
     assert spec["nodeSelector"] == {"bloomrun.io/pool": "a100-80gb"}
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
     assert container["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
-                                            "runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+                                            "runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"},
+                                            "readOnlyRootFilesystem": True}
     shm = next(v for v in spec["volumes"] if v["name"] == "dshm")
     assert shm["emptyDir"]["medium"] == "Memory"
     assert spec["restartPolicy"] == "Never"
@@ -186,3 +187,19 @@ def test_the_trainer_image_is_the_specs_or_else_the_operators_default():
         assert desired.desired_worker(run, 0)["spec"]["containers"][0]["image"] == image
         store = next(o for o in desired.desired_infra(run) if o["kind"] == "Deployment")
         assert store["spec"]["template"]["spec"]["containers"][0]["image"] == image
+
+
+def test_workers_run_hardened_read_only_with_bounded_shared_memory_and_scratch(run):
+    pod = desired.desired_worker(run, 0)["spec"]
+    container = pod["containers"][0]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes[mounts["/tmp"]]["emptyDir"]["sizeLimit"]  # the one writable place, bounded
+    assert volumes[mounts["/dev/shm"]]["emptyDir"] == {"medium": "Memory", "sizeLimit": "8Gi"}
+    assert {"name": "HOME", "value": "/tmp"} in container["env"]  # caches that default to HOME
+    # A tag is pulled again (a node's cached private image is not reused); a digest need not be.
+    assert container["imagePullPolicy"] == "Always"
+    pinned = make_run(image="registry.corp/trainer@sha256:" + "a" * 64)
+    assert desired.desired_worker(pinned, 0)["spec"]["containers"][0]["imagePullPolicy"] == "IfNotPresent"
+    assert desired.desired_worker(make_run(imagePullPolicy="Never"), 0)["spec"]["containers"][0]["imagePullPolicy"] == "Never"

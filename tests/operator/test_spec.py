@@ -41,7 +41,8 @@ def test_trainer_config_is_the_specs_sections_without_the_cluster_fields():
     ({"restartPolicy": {"maxRestarts": -1}}, "spec.restartPolicy.maxRestarts: Input should be greater than or equal to 0"),
     ({"pool": {"tolerations": [{"operator": "Maybe"}]}}, "spec.pool.tolerations.0.operator: Input should be"),
     ({"budget": {"gpuHours": 0}}, "spec.budget.gpuHours: Input should be greater than 0"),
-    ({"imagePullPolicy": "Always"}, "spec.imagePullPolicy: unknown field"),
+    ({"imagePullPolicy": "Sometimes"}, "spec.imagePullPolicy: Input should be 'Always', 'IfNotPresent' or 'Never'"),
+    ({"imagePullPolcy": "Always"}, "spec.imagePullPolcy: unknown field"),
     # The launcher decides it (it used to be overwritten silently).
     ({"checkpoint": {"dir": "/mine"}}, "spec.checkpoint.dir: set by the launcher, not the manifest"),
 ])
