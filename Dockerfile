@@ -1,35 +1,52 @@
 # syntax=docker/dockerfile:1
-# The trainer image: CUDA PyTorch, DeepSpeed, Triton and bloomrun, run by the operator's
-# worker Pods as `torchrun ... -m bloomrun.trainer.train`. Install steps mirror
+# The trainer image: PyTorch, DeepSpeed, Triton and bloomrun, run by the operator's worker
+# Pods as `torchrun ... -m bloomrun.trainer.train`. Install steps mirror
 # scripts/install_venv.sh and read the same pins (requirements/trainer.txt): CI tests the
 # versions this image ships. tests/chart/test_images.py keeps these invariants.
+#
+# BASE picks the base, the recipe is otherwise the same:
+# - releases: the CUDA runtime image below. Its CUDA major must be torch's: torch 2.15's
+#   PyPI wheels are CUDA 13 builds (they require cuda-toolkit==13.2.2) carrying their own
+#   CUDA libraries; a 12.x base beside them was the fault issue 11 found.
+# - CPU tests: a Debian bookworm base made with mmdebstrap (no registry is reachable there),
+#   with --build-arg PYTHON=python3.11 (tools/images, docs/cluster.md).
+# No nvcc and no DeepSpeed op builds: the optimizer is torch's fused AdamW
+# (bloomrun/trainer/parallel.py), so DeepSpeed's FusedAdam/SHM ops are never loaded, and
+# DeepSpeed refused to build them against a CUDA major other than torch's anyway.
+ARG BASE=nvidia/cuda:13.2.2-runtime-ubuntu24.04
+ARG PYTHON=python3.12
 
-# Base images pinned to full version tags. torch's PyPI wheels carry their own CUDA
-# libraries; the devel stage adds nvcc for DeepSpeed's op builds.
-FROM nvidia/cuda:12.9.1-cudnn-devel-ubuntu24.04 AS build
-ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+FROM ${BASE} AS build
+ARG PYTHON
+ENV DEBIAN_FRONTEND=noninteractive PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN apt-get update \
- && apt-get install -y --no-install-recommends python3.12 python3.12-venv python3.12-dev g++ \
+ && apt-get install -y --no-install-recommends ${PYTHON} ${PYTHON}-venv ${PYTHON}-dev g++ \
  && rm -rf /var/lib/apt/lists/*
-RUN python3.12 -m venv /opt/venv
+RUN ${PYTHON} -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 COPY requirements/ requirements/
-# torch first and alone: DeepSpeed builds its ops against it without build isolation.
-# DS_BUILD_* compile the ops now rather than as a JIT build in every fresh Pod.
-RUN pip install --upgrade pip setuptools wheel \
+# The pip cache is a build cache mount (torch is not downloaded per build, nor left in a
+# layer). A machine whose TLS is intercepted passes its CA bundle as the secret `ca`
+# (`--secret id=ca,src=/etc/ssl/certs/ca-certificates.crt`): used by pip, never written
+# into the image. torch first and alone: DeepSpeed installs against it without isolation.
+RUN --mount=type=cache,target=/root/.cache/pip \
+    --mount=type=secret,id=ca,required=false \
+    if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi \
+ && pip install --upgrade pip setuptools wheel \
  && pip install "$(grep -E '^torch==' requirements/trainer.txt)" \
- && DS_BUILD_SHM_COMM=1 DS_BUILD_FUSED_ADAM=1 TORCH_CUDA_ARCH_LIST="8.0;9.0" \
-    pip install --no-build-isolation -r requirements/trainer.txt
+ && DS_BUILD_OPS=0 pip install --no-build-isolation -r requirements/trainer.txt
 COPY pyproject.toml README.md ./
 COPY bloomrun/ bloomrun/
-RUN pip install --no-deps --no-build-isolation .
+RUN pip install --no-cache-dir --no-deps --no-build-isolation .
 
-FROM nvidia/cuda:12.9.1-cudnn-runtime-ubuntu24.04
+FROM ${BASE}
+ARG PYTHON
 ENV DEBIAN_FRONTEND=noninteractive
-# g++ stays: Triton compiles its launcher stubs with the host compiler at first use.
+# g++ and the Python headers stay: Triton compiles its launcher stubs against Python.h with
+# the host compiler at first use on a GPU.
 RUN apt-get update \
- && apt-get install -y --no-install-recommends python3.12 g++ \
+ && apt-get install -y --no-install-recommends ${PYTHON} ${PYTHON}-dev g++ \
  && rm -rf /var/lib/apt/lists/* \
  && (userdel --remove ubuntu 2>/dev/null || true) \
  && groupadd --gid 1000 bloomrun \

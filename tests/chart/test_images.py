@@ -36,11 +36,28 @@ def test_hadolint_passes():
     assert out.returncode == 0, out.stdout + out.stderr
 
 
+def build_args(path: Path) -> dict[str, str]:
+    """Defaults of the ARGs declared before the first FROM (what `${NAME}` in FROM reads)."""
+    defaults = {}
+    for word, args in instructions(path):
+        if word == "FROM":
+            break
+        if word == "ARG" and "=" in args:
+            name, _, value = args.partition("=")
+            defaults[name.strip()] = value.strip()
+    return defaults
+
+
+def base_images(name: str) -> list[str]:
+    args = build_args(REPO / name)
+    return [re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], a.split()[0])
+            for word, a in instructions(REPO / name) if word == "FROM"]
+
+
 @pytest.mark.parametrize("name", DOCKERFILES)
 def test_base_images_are_pinned_to_full_versions(name):
-    for word, args in instructions(REPO / name):
-        if word == "FROM":
-            image = args.split()[0]
+    for image in base_images(name):
+        if image:
             assert "@sha256:" in image or re.search(r":\d+\.\d+\.\d+", image), f"{name}: {image} is not pinned"
 
 
@@ -100,3 +117,21 @@ def test_build_context_carries_only_what_the_dockerfiles_copy():
         return source == entry or source.startswith(entry + "/")
     assert all(any(under(s, e) for e in allowed) for s in copied), f"COPY {sorted(copied)}, context {sorted(allowed)}"
     assert all(any(under(s, e) for s in copied) for e in allowed), f"context {sorted(allowed)} holds more than COPY uses"
+
+
+def test_trainer_base_cuda_major_is_torchs():
+    """torch's PyPI wheel carries its own CUDA libraries for one CUDA major; the base image's
+    must be the same (a 12.x base under a CUDA 13 torch was issue 11's fault)."""
+    from importlib.metadata import requires
+
+    toolkit = [r for r in requires("torch") if r.startswith("cuda-toolkit")]
+    torch_major = re.search(r"==(\d+)\.", toolkit[0]).group(1)
+    for image in base_images("Dockerfile"):
+        assert re.match(rf"nvidia/cuda:{torch_major}\.", image), (image, toolkit)
+
+
+def test_trainer_image_keeps_python_headers_for_triton():
+    pairs = instructions(REPO / "Dockerfile")
+    last_from = max(i for i, (word, _) in enumerate(pairs) if word == "FROM")
+    runs = " ".join(args for word, args in pairs[last_from:] if word == "RUN")
+    assert "${PYTHON}-dev" in runs and "g++" in runs
