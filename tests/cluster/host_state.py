@@ -88,34 +88,48 @@ class HostState:
         """The host now, looked at the same way."""
         return HostState.capture(self.watched[len(FIXED_PATHS):])
 
-    def differences(self, other: "HostState") -> list[str]:
-        """What `other` (captured later) changed, one line each; empty when nothing did."""
-        found = [f"sysctl {k}: {v!r} -> {other.sysctls.get(k)!r}"
-                 for k, v in self.sysctls.items() if other.sysctls.get(k, v) != v]
-        if self.iptables != other.iptables:
-            found.append("iptables rules changed")
-        found += [f"new network link {name}" for name in sorted(other.links - self.links)]
+    def differences(self, other: "HostState", shared: bool = False,
+                    own: tuple[str, ...] = ()) -> list[str]:
+        """What `other` (captured later) changed, one line each; empty when nothing did.
+
+        shared: another test session's real nodes run on this machine too (see
+        `foreign_nodes_running`); then what all sessions share (sysctls, iptables, the fixed
+        paths) is not ours to judge, and only links and cgroups named with `own` prefixes
+        count."""
+        def ours(name: str) -> bool:
+            return not shared or name.startswith(own)
+
+        found = []
+        if not shared:
+            found += [f"sysctl {k}: {v!r} -> {other.sysctls.get(k)!r}"
+                      for k, v in self.sysctls.items() if other.sysctls.get(k, v) != v]
+            if self.iptables != other.iptables:
+                found.append("iptables rules changed")
+            found += [f"new path {p}" for p, there in self.paths.items()
+                      if not there and os.path.lexists(p)]
+        found += [f"new network link {name}" for name in sorted(other.links - self.links)
+                  if ours(name)]
         for controller, names in other.cgroups.items():
             found += [f"new cgroup {controller}/{n}"
-                      for n in sorted(names - self.cgroups.get(controller, set()))]
-        found += [f"new path {p}" for p, there in self.paths.items()
-                  if not there and os.path.lexists(p)]
+                      for n in sorted(names - self.cgroups.get(controller, set())) if ours(n)]
         found += [f"new mount {m}" for m in sorted(other.mounts - self.mounts)]
         return found
 
-    def restore(self, cgroup_prefix: str, link_prefix: str) -> list[str]:
+    def restore(self, cgroup_prefix: str, link_prefix: str, shared: bool = False) -> list[str]:
         """Puts back what the real nodes changed: sysctls, iptables, their bridges (links
         named `link_prefix*`), cgroups named `cgroup_prefix*`,
-        mounts below new paths, fixed paths that did not exist. Returns what it could not."""
+        mounts below new paths, fixed paths that did not exist. Returns what it could not.
+        With `shared` (another session's nodes still run) sysctls, iptables and the fixed
+        paths are left to whichever session stops last: they are in use."""
         failures: list[str] = []
         now = self.again()
-        for key, value in self.sysctls.items():
+        for key, value in self.sysctls.items() if not shared else ():
             if now.sysctls.get(key, value) != value:
                 try:
                     Path("/proc/sys", *key.split(".")).write_text(value)
                 except OSError as error:
                     failures.append(f"sysctl {key}: {error}")
-        if self.iptables is not None and now.iptables != self.iptables:
+        if not shared and self.iptables is not None and now.iptables != self.iptables:
             subprocess.run(["iptables-restore"], input=self.iptables + "\n", text=True)
         # Pods' veths go with their network namespaces; only the bridges stay behind.
         for name in sorted(now.links - self.links):
@@ -127,7 +141,7 @@ class HostState:
             for name in names - self.cgroups.get(controller, set()):
                 if name.startswith(cgroup_prefix):
                     failures += remove_cgroup_tree(CGROUP_ROOT / controller / name)
-        for path, there in self.paths.items():
+        for path, there in self.paths.items() if not shared else ():
             if not there and os.path.lexists(path):
                 shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.unlink(path)
         return failures
@@ -147,3 +161,20 @@ def remove_cgroup_tree(top: Path) -> list[str]:
     except OSError as error:
         failures.append(f"cgroup {top}: {error}")
     return failures
+
+
+def foreign_nodes_running(own_root: str) -> bool:
+    """Whether kubelets or containerds of real nodes outside `own_root` (another test
+    session's cluster folder) run on this machine now."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        program = os.path.basename(argv[0]) if argv else ""
+        if program in ("kubelet", "containerd") and any(a.startswith("--config=") for a in argv):
+            if not any(own_root in a for a in argv):
+                return True
+    return False

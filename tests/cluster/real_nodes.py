@@ -213,6 +213,11 @@ class RealNodes:
         return [{"key": REAL_NODE_TAINT["key"], "operator": "Exists",
                  "effect": REAL_NODE_TAINT["effect"]}]
 
+    @property
+    def own_prefixes(self) -> tuple[str, ...]:
+        """How this set's bridges and cgroups begin."""
+        return f"br{self.tag}", f"bloomrun-{self.tag}"
+
     def import_image(self, archive: Path) -> None:
         """Imports an OCI/Docker archive into every node's containerd (refer to it by its
         fully qualified name, with imagePullPolicy Never or IfNotPresent)."""
@@ -294,9 +299,13 @@ class RealNodes:
             print(f"real nodes: cleaning API objects failed: {error}", file=sys.stderr)
         if self.host is None:
             return []
+        # Another session's nodes may run beside these (two clones' test runs): what all
+        # share is then left to the last one to stop.
+        shared = host_state.foreign_nodes_running(str(self.cluster.layout.root))
         failures = self.host.restore(cgroup_prefix=f"bloomrun-{self.tag}",
-                                     link_prefix=f"br{self.tag}")
-        return failures + self.host.differences(self.host.again())
+                                     link_prefix=f"br{self.tag}", shared=shared)
+        return failures + self.host.differences(self.host.again(), shared=shared,
+                                                own=self.own_prefixes)
 
 
 def _ready(core: client.CoreV1Api, name: str) -> bool:
