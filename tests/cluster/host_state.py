@@ -178,3 +178,52 @@ def foreign_nodes_running(own_root: str) -> bool:
             if not any(own_root in a for a in argv):
                 return True
     return False
+
+
+# Test sessions whose real nodes run now, and the host as the first of them found it, so
+# that the last one to stop puts the shared things back (sysctls, iptables, fixed paths)
+# even when the sessions overlapped and none of them saw the machine pristine at its own
+# start. Entries of dead processes are dropped.
+REGISTRY = Path("/run/bloomrun-real-nodes")
+
+
+def _locked(action):
+    import fcntl
+    REGISTRY.mkdir(exist_ok=True)
+    with open(REGISTRY / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        sessions = REGISTRY / "sessions"
+        sessions.mkdir(exist_ok=True)
+        for entry in sessions.iterdir():
+            if not Path("/proc", entry.read_text().strip()).exists():
+                entry.unlink()
+        return action(sessions)
+
+
+def join(tag: str, state: HostState) -> None:
+    """Registers a node set; the first one records the host's shared state as pristine."""
+    import json
+
+    def act(sessions: Path) -> None:
+        if not any(sessions.iterdir()):
+            (REGISTRY / "pristine.json").write_text(json.dumps(
+                {"sysctls": state.sysctls, "iptables": state.iptables, "paths": state.paths}))
+        (sessions / tag).write_text(str(os.getpid()))
+    _locked(act)
+
+
+def leave(tag: str) -> HostState | None:
+    """Unregisters a node set; returns the pristine state (shared parts only) when it was
+    the last one, after removing the registry; None while other sets still run."""
+    import json
+
+    def act(sessions: Path) -> HostState | None:
+        (sessions / tag).unlink(missing_ok=True)
+        if any(sessions.iterdir()):
+            return None
+        saved = json.loads((REGISTRY / "pristine.json").read_text())
+        shutil.rmtree(REGISTRY, ignore_errors=True)
+        # Links and cgroups are each set's own business (named with its tag): taken as now.
+        return HostState(saved["sysctls"], saved["iptables"], links(), top_cgroups(),
+                         saved["paths"], set(), FIXED_PATHS)
+    return _locked(act)

@@ -231,6 +231,7 @@ class RealNodes:
         start fails partway (call stop() in a finally/finalizer registered before this)."""
         began = time.monotonic()
         self.host = HostState.capture(under=(str(self.root),))
+        host_state.join(self.tag, self.host)
         bins = ensure_node_built()
         self.root.mkdir(parents=True)
         self.images_dir.mkdir()
@@ -299,13 +300,18 @@ class RealNodes:
             print(f"real nodes: cleaning API objects failed: {error}", file=sys.stderr)
         if self.host is None:
             return []
-        # Another session's nodes may run beside these (two clones' test runs): what all
-        # share is then left to the last one to stop.
-        shared = host_state.foreign_nodes_running(str(self.cluster.layout.root))
+        # Other node sets may run beside these (this session's, another clone's test run):
+        # what all share (sysctls, iptables, fixed paths) is put back by the last to stop,
+        # to the state the first one found (host_state.join/leave).
         failures = self.host.restore(cgroup_prefix=f"bloomrun-{self.tag}",
-                                     link_prefix=f"br{self.tag}", shared=shared)
-        return failures + self.host.differences(self.host.again(), shared=shared,
-                                                own=self.own_prefixes)
+                                     link_prefix=f"br{self.tag}", shared=True)
+        leftovers = self.host.differences(self.host.again(), shared=True, own=self.own_prefixes)
+        pristine = host_state.leave(self.tag)
+        if pristine is not None:
+            failures += pristine.restore(cgroup_prefix=f"bloomrun-{self.tag}",
+                                         link_prefix=f"br{self.tag}")
+            leftovers += pristine.differences(pristine.again())
+        return failures + leftovers
 
 
 def _ready(core: client.CoreV1Api, name: str) -> bool:
