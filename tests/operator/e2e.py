@@ -137,7 +137,7 @@ class Runs:
         return wait_for(lambda: (lambda s: s if predicate(s) else None)(self.status(name)), timeout,
                         f"{self.namespace}/{name}: {what}; status={{...}}")
 
-    def wait_phase(self, name: str, phase: str, timeout: float = 30) -> dict:
+    def wait_phase(self, name: str, phase: str, timeout: float = 60) -> dict:
         try:
             return self.wait_status(name, lambda s: s.get("phase") == phase, timeout, f"phase {phase}")
         except AssertionError as err:

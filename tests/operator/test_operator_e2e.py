@@ -390,8 +390,12 @@ def test_a_trainer_token_may_write_progress_and_nothing_else_of_the_status(runs,
 
     forged = [{"gpuHours": {"used": 0.0, "accountedAt": "2030-01-01T00:00:00Z"}}, {"restarts": 5}, {"restartsByReason": {"oom-killed": 9}},
               {"phase": "Succeeded"}, {"conditions": []}, {"handledFailures": ["x"]}]
-    # The policy takes effect within moments of being created: wait for the first refusal.
-    wait_for(lambda: patch(forged[0]) in (403, 422), 30, "the admission policy to refuse a forged status")
+    # The policy takes effect moments after it is created: wait for a refusal of a harmless
+    # change that differs each time (a forged value accepted before the policy is active
+    # would make the same value a no-op later, which the policy rightly lets through).
+    probes = iter(range(10**6))
+    wait_for(lambda: patch({"message": f"probe {next(probes)}"}) in (403, 422), 60,
+             "the admission policy to refuse a status change", 1.0)
     for status in forged:
         assert patch(status) in (403, 422), status
     assert patch({"progress": {"step": 7, "loss": 2.5}}) == 200
