@@ -11,7 +11,6 @@ the first one's PID, and torchrun dies with this process however it is killed.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import queue
 import shutil
@@ -31,6 +30,7 @@ from bloomrun.cli import launch
 from bloomrun.cli.main import UserError
 from bloomrun.cli.progress import ProgressDisplay, parse_metrics
 from bloomrun.trainer import elastic, runlock
+from bloomrun.trainer.checkpoint_layout import newest_metadata
 
 SCRAPE_EVERY_S = 1.0
 
@@ -152,22 +152,8 @@ def usable_cpus() -> int:
 def completed(plan: Launch) -> str | None:
     """'at step 300 (loss 1.4492, 307,200 tokens)' when the newest checkpoint reached the
     run's length, else None (then torchrun starts)."""
-    newest = newest_checkpoint(plan.checkpoint_dir)
+    newest = newest_metadata(plan.checkpoint_dir)
     return describe_checkpoint(newest) if newest and newest.get("step", -1) >= plan.target_steps else None
-
-
-def newest_checkpoint(root: Path) -> dict | None:
-    """The metadata of the newest published checkpoint. checkpoint.py's rule, read without
-    importing torch (seconds here) so that a finished run answers at once: a step folder
-    counts once its metadata.json exists. Its checksums are the trainer's to verify when it
-    loads one; this only decides whether to start it."""
-    steps = sorted((int(folder.name[5:]), folder) for folder in root.glob("step-*") if folder.name[5:].isdigit())
-    for _step, folder in reversed(steps):
-        try:
-            return json.loads((folder / "metadata.json").read_text())
-        except (OSError, ValueError):
-            continue
-    return None
 
 
 def describe_checkpoint(meta: dict, loss: float | None = None) -> str:
@@ -213,12 +199,12 @@ def supervise(plan: Launch, verbose: bool = False) -> int:
             stream(lines, display, plan.metrics_url, stopper)
             code = proc.wait()
             if code == 0 and stopper.signal is None:  # the trainer exits 0 unasked only once complete
-                display.finish((newest_checkpoint(plan.checkpoint_dir) or {}).get("loss"))
+                display.finish((newest_metadata(plan.checkpoint_dir) or {}).get("loss"))
     finally:
         if proc.poll() is None:  # we failed ourselves: leave no orphaned workers behind
             kill_tree(proc.pid)
     if stopper.signal:
-        newest = newest_checkpoint(plan.checkpoint_dir)
+        newest = newest_metadata(plan.checkpoint_dir)
         where = f" at step {newest['step']} (checkpoint saved)" if newest else ""
         print(f"{plan.name}: stopped by {stopper.signal.name}{where}; run the same command again to resume", flush=True)
         return 128 + stopper.signal.value
@@ -232,7 +218,7 @@ def supervise(plan: Launch, verbose: bool = False) -> int:
 
 
 def summary(plan: Launch, display: ProgressDisplay) -> str:
-    newest = newest_checkpoint(plan.checkpoint_dir)
+    newest = newest_metadata(plan.checkpoint_dir)
     loss = display.last.loss if display.last else None  # older checkpoints carry none
     return f"{plan.name}: complete {describe_checkpoint(newest, loss)}" if newest else f"{plan.name}: complete"
 

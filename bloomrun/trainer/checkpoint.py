@@ -31,9 +31,9 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -42,13 +42,17 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from bloomrun.trainer import parallel
+from bloomrun.trainer.checkpoint_layout import (  # noqa: F401 (re-exported for the trainer and tests)
+    METADATA,
+    list_checkpoints,
+    read_metadata,
+    step_dir_name,
+)
 from bloomrun.trainer.data.indexed import fsync_path
 
 log = logging.getLogger("bloomrun.checkpoint")
 
 FORMAT_VERSION = 1
-METADATA = "metadata.json"
-STEP_DIR = re.compile(r"^step-(\d{8,})$")
 TENSOR_FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors")
 
 
@@ -75,9 +79,6 @@ class TrainState:
         return cls(**known)
 
 
-def step_dir_name(step: int) -> str:
-    return f"step-{step:08d}"
-
 
 # ------------------------------------------------------------------------ pure parts
 
@@ -88,20 +89,6 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
-
-
-def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
-    """Published step folders, newest first (complete or not: see `verify`)."""
-    if not root.is_dir():
-        return []
-    found = []
-    for entry in root.iterdir():
-        match = STEP_DIR.match(entry.name)
-        # A symlinked step folder is not ours: following it would read (and hash) whatever
-        # it points at, another run's checkpoint or any file on the volume.
-        if match and entry.is_dir() and not entry.is_symlink():
-            found.append((int(match.group(1)), entry))
-    return sorted(found, reverse=True)
 
 
 def verify(path: Path) -> dict:
@@ -133,14 +120,19 @@ def verify(path: Path) -> dict:
     return meta
 
 
-def newest_complete(root: Path) -> tuple[Path, dict] | None:
-    """The newest checkpoint that verifies; each one skipped is logged with its reason."""
-    for _step, path in list_checkpoints(root):
+def first_intact(candidates: Iterable[Path]) -> tuple[Path, dict] | None:
+    """The first of `candidates` that verifies; each one skipped is logged with its reason."""
+    for path in candidates:
         try:
             return path, verify(path)
         except CheckpointError as err:
             log.warning("skipping checkpoint: %s", err)
     return None
+
+
+def newest_complete(root: Path) -> tuple[Path, dict] | None:
+    """The newest checkpoint that verifies."""
+    return first_intact(path for _step, path in list_checkpoints(root))
 
 
 def newest_below(path: Path) -> tuple[Path, dict]:
@@ -151,11 +143,15 @@ def newest_below(path: Path) -> tuple[Path, dict]:
         return path, verify(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such checkpoint or run folder")
-    found = [c for c in (newest_complete(folder) for folder in (path, *sorted(path.iterdir()))
-                         if folder.is_dir()) if c is not None]
-    if not found:
+    folders = [path, *(f for f in sorted(path.iterdir()) if f.is_dir() and not f.is_symlink())]
+    published = [c for folder in folders for _step, c in list_checkpoints(folder)]
+    # Newest first by the metadata alone; only then checksums, until one verifies (each
+    # verify reads a whole checkpoint: 16 GB at 1.3B).
+    published.sort(key=lambda c: (read_metadata(c) or {}).get("published_at", 0), reverse=True)
+    found = first_intact(published)
+    if found is None:
         raise CheckpointError(f"{path}: holds no complete checkpoint")
-    return max(found, key=lambda choice: choice[1].get("published_at", 0))
+    return found
 
 
 def prune(root: Path, keep_last: int) -> list[Path]:
