@@ -222,8 +222,7 @@ def desired_rendezvous_store(run: Run) -> dict:
     pod_spec = {
         "hostname": rendezvous_store_name(run), "subdomain": service_name(run),
         "automountServiceAccountToken": False, "enableServiceLinks": False,
-        "securityContext": {"runAsNonRoot": True, "runAsUser": RUN_AS_USER, "runAsGroup": RUN_AS_USER,
-                            "seccompProfile": {"type": "RuntimeDefault"}},
+        "securityContext": pod_security_context(),
         "nodeSelector": dict(run.spec.pool.node_selector), "tolerations": worker_tolerations(run),
         "containers": [container],
         "volumes": [scratch_volume()[0]],
@@ -372,6 +371,13 @@ def restricted_security_context() -> dict:
             "runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}, "readOnlyRootFilesystem": True}
 
 
+def pod_security_context() -> dict:
+    """The pod-level half: the image's non-root user (its home and the volumes it writes are
+    group-owned by it through fsGroup)."""
+    return {"runAsNonRoot": True, "runAsUser": RUN_AS_USER, "runAsGroup": RUN_AS_USER,
+            "fsGroup": RUN_AS_USER, "seccompProfile": {"type": "RuntimeDefault"}}
+
+
 def image_pull_policy(run: Run) -> str:
     return run.spec.image_pull_policy or ("IfNotPresent" if "@sha256:" in run.image else "Always")
 
@@ -417,8 +423,7 @@ def worker_pod_spec(run: Run) -> dict:
         "serviceAccountName": service_account_name(run),
         # torchrun's --shutdown-timeout is derived from it (bloomrun.trainer.elastic).
         "terminationGracePeriodSeconds": elastic.GRACE_PERIOD_S,
-        "securityContext": {"runAsNonRoot": True, "runAsUser": RUN_AS_USER, "runAsGroup": RUN_AS_USER,
-                            "fsGroup": RUN_AS_USER, "seccompProfile": {"type": "RuntimeDefault"}},
+        "securityContext": pod_security_context(),
         "nodeSelector": dict(spec.pool.node_selector),
         "tolerations": worker_tolerations(run),
         "containers": [container],

@@ -20,6 +20,9 @@ from bloomrun.operator import desired
 from bloomrun.operator.conditions import ConditionType as C
 from bloomrun.operator.conditions import set_condition
 from bloomrun.operator.spec import BloomRunStatus, Failure, GpuHours, NodeCounts, WorkerRef
+# How the trainer says a failure is permanent (bad config or data, another run's checkpoint;
+# not a held run lock, which clears once its holder is gone): torchrun hides its exit code.
+from bloomrun.trainer.train import PERMANENT_MARK
 
 MAX_BACKOFF_S = 600
 HANDLED_FAILURES_KEPT = 64
@@ -151,11 +154,6 @@ class Plan:
     requeue_after: float | None = None
 
 
-# How the trainer says a failure is permanent (bad config or data, another run's checkpoint;
-# not a held run lock, which clears once its holder is gone): the first words of its
-# termination message (bloomrun.trainer.train). torchrun hides the trainer's own exit code
-# behind its 1, so the message is the one channel that survives it.
-PERMANENT_MARK = "permanent: "
 # torchrun's exit code when its workers failed for good, whatever the cause (measured with
 # torch 2.15: workers exiting 2, 75 or 134 all gave 1) and on its own SIGTERM.
 TORCHRUN_WORKERS_FAILED = 1

@@ -21,7 +21,9 @@ from bloomrun.trainer.runlock import die_with_launcher
 
 
 TERMINATION_LOG = "/dev/termination-log"
-PERMANENT_MARK = "permanent: "  # bloomrun.operator.reconcile.PERMANENT_MARK (no import: layering)
+# The first words of a permanent refusal's termination message: the operator reads them
+# (bloomrun.operator.reconcile), since torchrun hides the trainer's own exit code behind its 1.
+PERMANENT_MARK = "permanent: "
 
 
 def load_config(path: str) -> TrainerConfig:

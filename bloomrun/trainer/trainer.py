@@ -63,10 +63,11 @@ class StepResult:
 
 
 def run_labels(env=os.environ) -> tuple[str, str]:
-    """(namespace, run) for metric labels; the operator and bloomctl set these."""
-    namespace = env.get("BLOOMRUN_RUN_NAMESPACE") or env.get("BLOOMRUN_NAMESPACE") or "local"
-    run = env.get("BLOOMRUN_RUN_NAME") or env.get("BLOOMRUN_RUN") or "local"
-    return namespace, run
+    """(namespace, run) for metric labels: the run's identity (identity.py reads what the
+    operator and bloomctl set); a local run's namespace label is `local` unless
+    BLOOMRUN_NAMESPACE names one."""
+    identity = identity_from_env(env)
+    return identity.namespace or env.get("BLOOMRUN_NAMESPACE") or "local", identity.name
 
 
 class Trainer:
