@@ -41,8 +41,9 @@ def image_env(home: Path, tmp: Path) -> dict[str, str]:
     for line in final_stage.splitlines():
         if line.startswith("ENV "):
             env.update(item.split("=", 1) for item in shlex.split(line[4:]))
-    swapped = {key: value.replace("/opt/venv/bin", str(Path(sys.executable).parent)).replace(
-        "$PATH", "/usr/bin:/bin").replace("/tmp", str(tmp)) for key, value in env.items()}
+    # /tmp first: the venv swapped in may itself live under /tmp (a clone there).
+    swapped = {key: value.replace("/tmp", str(tmp)).replace("/opt/venv/bin", str(Path(sys.executable).parent))
+               .replace("$PATH", "/usr/bin:/bin") for key, value in env.items()}
     assert {"PATH", "HOME", "TRITON_CACHE_DIR", "TORCH_EXTENSIONS_DIR"} <= set(swapped), env
     return swapped | {"HOME": str(home), "TMPDIR": str(tmp)}
 
@@ -128,9 +129,10 @@ def test_the_worker_pods_trainer_trains_and_checkpoints_as_non_root_in_a_read_on
                                     text=True, timeout=600)
         finally:
             store.terminate()
-            assert store.wait(30) == 0  # SIGTERM ends the store cleanly
+            store_code = store.wait(30)
         output = result.stdout + result.stderr
         assert result.returncode == 0, output[-4000:]
+        assert store_code == 0  # SIGTERM ends the store cleanly
         found = ckpt.newest_complete(paths["checkpoints"] / "team-a" / "tiny" / "0f6c1a2e-uid")  # the run's own
         assert found is not None and found[1]["step"] == STEPS, output[-4000:]
         assert found[1]["run"] == {"namespace": "team-a", "name": "tiny", "uid": "0f6c1a2e-uid"}
