@@ -1,8 +1,9 @@
 # syntax=docker/dockerfile:1
 # The trainer image: PyTorch, DeepSpeed, Triton and bloomrun, run by the operator's worker
-# Pods as `torchrun ... -m bloomrun.trainer.train`. Install steps mirror
-# scripts/install_venv.sh and read the same pins (requirements/trainer.txt): CI tests the
-# versions this image ships. tests/chart/test_images.py keeps these invariants.
+# Pods as `torchrun ... -m bloomrun.trainer.train`. Every package is installed by hash from
+# requirements/trainer.lock, the lock (scripts/lock_requirements.sh) of trainer.txt, the
+# pins scripts/install_venv.sh installs for CI: CI tests the versions this image ships.
+# tests/chart/test_images.py and test_locks.py keep these invariants.
 #
 # BASE picks the base, the recipe is otherwise the same:
 # - releases: the CUDA runtime image below. Its CUDA major must be torch's: torch 2.15's
@@ -25,20 +26,22 @@ RUN apt-get update \
 RUN ${PYTHON} -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
-COPY requirements/ requirements/
+COPY requirements/build.lock requirements/trainer.lock requirements/
 # The pip cache is a build cache mount (torch is not downloaded per build, nor left in a
 # layer). A machine whose TLS is intercepted passes its CA bundle as the secret `ca`
 # (`--secret id=ca,src=/etc/ssl/certs/ca-certificates.crt`): used by pip, never written
-# into the image. torch first and alone: DeepSpeed installs against it without isolation.
+# into the image.
+# Only what the locks list, each file checked against its sha256 (--require-hashes), nothing
+# else (--no-deps): first pip, setuptools and wheel (build.lock), then the trainer's lock.
+# No build isolation: the sdist-only packages (DeepSpeed, rouge-score, sqlitedict,
+# word2number) build with that setuptools; an isolated build would fetch one unhashed. pip
+# builds them before it installs any wheel, so DeepSpeed's setup.py finds no torch: with
+# DS_BUILD_OPS=0 it prebuilds no op, the one thing it needs torch for.
 RUN --mount=type=cache,target=/root/.cache/pip \
     --mount=type=secret,id=ca,required=false \
     if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi \
- && pip install --upgrade pip setuptools wheel \
- && pip install "$(grep -E '^torch==' requirements/trainer.txt)" \
- && DS_BUILD_OPS=0 pip install --no-build-isolation -r requirements/trainer.txt
-COPY pyproject.toml README.md ./
-COPY bloomrun/ bloomrun/
-RUN pip install --no-cache-dir --no-deps --no-build-isolation .
+ && pip install --require-hashes --no-deps -r requirements/build.lock \
+ && DS_BUILD_OPS=0 pip install --require-hashes --no-deps --no-build-isolation -r requirements/trainer.lock
 
 FROM ${BASE}
 ARG PYTHON
@@ -52,6 +55,13 @@ RUN apt-get update \
  && groupadd --gid 1000 bloomrun \
  && useradd --uid 1000 --gid 1000 --create-home --shell /usr/sbin/nologin bloomrun
 COPY --from=build /opt/venv /opt/venv
+# bloomrun itself last and apart from its dependencies: a change to the code rebuilds this
+# small layer only, not the 7 GB one above (the dependencies' layer is cached by the locks).
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY bloomrun/ bloomrun/
+RUN /opt/venv/bin/pip install --no-cache-dir --no-deps --no-build-isolation --disable-pip-version-check . \
+ && rm -rf /src
 # Caches go where a read-only root filesystem still lets them be written (an emptyDir).
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \

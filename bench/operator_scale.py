@@ -84,10 +84,15 @@ class PodClock:
                        if name.startswith(prefix) and uids[-1] in self.bound)
 
 
+CHECKPOINT_CLAIM = "checkpoints"
+
+
 def manifest(name: str, namespace: str, size: int) -> dict:
     return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "BloomRun", "metadata": {"name": name, "namespace": namespace},
             "spec": {"data": {"sources": [{"path": "/data/x"}]}, "training": {"trainSteps": 10},
                      "nodes": {"min": size, "max": size}, "gpusPerNode": 8,
+                     # The nodes of a run share their checkpoints through a claim (main() creates it).
+                     "checkpointVolume": {"claimName": CHECKPOINT_CLAIM},
                      "pool": {"nodeSelector": {"bloomrun.io/pool": POOL}},
                      "restartPolicy": {"backoffSeconds": 0, "maxRestarts": 1000}}}
 
@@ -139,6 +144,7 @@ def main() -> int:
         print(f"{args.nodes} kwok nodes Ready in {time.monotonic() - t0:.1f} s", file=sys.stderr)
 
         namespace = cluster.new_namespace("bench")
+        cluster.create_pvc(namespace, CHECKPOINT_CLAIM)
         clock = PodClock(core, namespace)
         operator = Operator(cluster, "--standalone", timer_interval=None)  # the operator's own timer interval
         # Measure a warm operator: one small run first, so start-up (watches, the pod index)

@@ -7,6 +7,7 @@ CHART_DIR := charts/bloomrun-operator
 chart-crds: crds
 	cp crds/*.yaml $(CHART_DIR)/charts/crds/crds/
 	$(PY) -m bloomrun.operator.policy $(CHART_DIR)/files/trainer-status-validation.cel
+	$(PY) -m bloomrun.operator.admission $(CHART_DIR)/files/run-policy-validations.yaml
 
 # The values table of docs/chart.md, from the `# --` comments of values.yaml.
 chart-docs:

@@ -8,8 +8,8 @@ python=${1:-python3}
 venv=${2:-.venv}
 [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
 pip=("$venv/bin/python" -m pip install --disable-pip-version-check -q)
-"${pip[@]}" --upgrade pip setuptools wheel
+"${pip[@]}" -r requirements/build.txt  # pip, setuptools, wheel: the images' (build.lock)
 "${pip[@]}" "$(grep -E '^torch==' requirements/trainer.txt)"
 DS_BUILD_SHM_COMM=1 "${pip[@]}" --no-build-isolation -r requirements/trainer.txt
-"${pip[@]}" -r requirements/operator.txt -r requirements/test.txt
+"${pip[@]}" -r requirements/operator.txt -r requirements/cli.txt -r requirements/test.txt
 "${pip[@]}" --no-deps --no-build-isolation -e .

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from bloomrun.cli.export import choose_checkpoint, find_tokenizer, load_config, locate
 from bloomrun.cli.main import UserError
+from bloomrun.trainer.checkpoint_layout import STEP_DIR
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -39,6 +40,11 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--config", help="BloomRun manifest or trainer config (default: the run's config.yaml)")
     parser.add_argument("--device", choices=DEVICES, default="auto", help="auto: a GPU when there is one")
     parser.add_argument("-v", "--verbose", action="store_true", help="show lm-eval's own log")
+    parser.add_argument("--summary-file", metavar="PATH",
+                        help="also write a one-line JSON summary (step, tokens, means, the mean's standard "
+                             "error, per-task accuracy and standard error; "
+                             "at most 4 KiB), or the error, to PATH: the operator's evaluation Job passes "
+                             "/dev/termination-log")
     parser.set_defaults(func=evaluate)
 
 
@@ -77,7 +83,26 @@ def pick_device(choice: str):
 
 
 def evaluate(args: argparse.Namespace) -> int:
-    source = locate(Path(args.path))
+    """Score the checkpoint; with --summary-file, report the outcome there as well."""
+    from bloomrun.eval import message
+
+    try:
+        step, tokens, summary = score(args)
+    except UserError as err:
+        if args.summary_file:
+            Path(args.summary_file).write_text(message.encode_error(str(err)))
+        raise
+    if args.summary_file:
+        averaged = [s for s in summary.scores if s.random is not None]
+        Path(args.summary_file).write_text(message.encode(
+            step, tokens, summary.mean, summary.normalised_mean, {s.task: s.value for s in averaged},
+            mean_stderr=summary.mean_stderr, stderrs={s.task: s.stderr for s in averaged if s.stderr is not None}))
+    return 0
+
+
+def score(args: argparse.Namespace):
+    """(step, tokens, summary) of the chosen checkpoint, after printing and writing its results."""
+    source = locate_scored(Path(args.path))
     config = load_config(Path(args.config) if args.config else source.config)
     settings = eval_settings(args, config)
     tokenizer = find_tokenizer(config)
@@ -111,7 +136,17 @@ def evaluate(args: argparse.Namespace) -> int:
           f"{time.monotonic() - started:.1f} s on {device.type}")
     print(format_summary(summary))
     print(f"results: {path}")
-    return 0
+    return meta["step"], meta.get("tokens"), summary
+
+
+def locate_scored(path: Path):
+    """export.locate, naming the evaluation Job's case: the step-N folder it was made for is
+    gone, so it was removed after the operator found it due (by hand: the trainer's pruning
+    keeps checkpoints whose evaluation is pending, docs/eval.md)."""
+    if STEP_DIR.match(path.name) and not path.exists():
+        raise UserError(f"{path}: no such checkpoint: it was removed before it could be scored (deleted, or pruned "
+                        "by checkpoint.keepLast without the run's status saying its evaluation was pending)")
+    return locate(path)
 
 
 def format_summary(summary) -> str:
@@ -125,6 +160,7 @@ def format_summary(summary) -> str:
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
     count = sum(1 for s in summary.scores if s.random is not None)
     if summary.mean is not None:
-        lines.append(f"mean acc {summary.mean:.4f}, random-baseline-normalised mean "
+        stderr = "" if summary.mean_stderr is None else f" ± {summary.mean_stderr:.4f}"
+        lines.append(f"mean acc {summary.mean:.4f}{stderr}, random-baseline-normalised mean "
                      f"{summary.normalised_mean:.4f} ({count} tasks)")
     return "\n".join(lines)

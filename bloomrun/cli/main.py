@@ -15,7 +15,10 @@ SUBCOMMANDS = {
     "validate": "check a BloomRun manifest offline with the API server's rules",
     "data": "prepare pretokenized data (Megatron-DeepSpeed .bin/.idx)",
     "export": "export a checkpoint as a Hugging Face BloomForCausalLM directory",
+    "checkpoint": "work with the trainer's checkpoints (consolidate a sharded one)",
     "eval": "zero-shot evaluation of a checkpoint with lm-evaluation-harness",
+    "study": "run an ablation study (BloomStudy) locally, show its table, write its report",
+    "plan": "propose the final model's size and shape for a GPU-hour budget",
 }
 
 EXIT_USAGE = 2  # bad manifest, bad config, bad arguments: the user's input is wrong

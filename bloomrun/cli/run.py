@@ -133,11 +133,14 @@ def load(manifest: Path):
 
 
 def check_data(config, manifest: Path) -> None:
-    from bloomrun.trainer.data import DataError, validate_data
+    from bloomrun.trainer.data import DataError, data_cache_dir, validate_data
 
     shape = config.model.shape()
     try:
-        validate_data(config.data, shape.vocab_size, seq_length=shape.seq_length)
+        # The run's data cache, as the trainer uses it: the full token scan happens once per
+        # data file, not on every `bloomctl run` of a large corpus.
+        validate_data(config.data, shape.vocab_size, seq_length=shape.seq_length,
+                      cache_dir=data_cache_dir(config.checkpoint.dir))
     except (DataError, OSError) as err:
         # DataError names the field from the spec down (data.sources[1] ...).
         where = "spec." if str(err).startswith("data.") else ""

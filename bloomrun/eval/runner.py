@@ -7,7 +7,8 @@ whose data is not staged fails at once with an error that names it (EvalError).
 
 Summary (BigScience's): each task's accuracy (`acc`; `exact_match` where a task has no
 `acc`, e.g. triviaqa), their mean, and the random-baseline-normalised mean, the average of
-(acc - random) / (1 - random). `random` is computed from the task's own documents: the mean
+(acc - random) / (1 - random); the mean's standard error from lm-eval's per-task ones
+(`mean_stderr`: the one formula, for a local study and the operator's status alike). `random` is computed from the task's own documents: the mean
 of 1 / number of choices for multiple-choice tasks, 0 for the others (lambada, triviaqa). A
 perplexity task (loglikelihood_rolling) has no accuracy: it is reported, not averaged.
 """
@@ -15,10 +16,12 @@ perplexity task (loglikelihood_rolling) has no accuracy: it is reported, not ave
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 HF_CACHE_DIR = "huggingface"  # taskDataDir/huggingface: a Hugging Face cache (HF_HOME)
 ACCURACY_METRICS = ("acc", "exact_match")
@@ -37,8 +40,10 @@ def prepare_environment(task_data_dir: Path | None) -> None:
         os.environ.setdefault("HF_HOME", str(task_data_dir / HF_CACHE_DIR))
 
 
-def load_tasks(names: list[str], task_data_dir: Path | None, builtin_dir: Path) -> dict:
-    """lm-eval Task objects by name, each loaded on its own so that an error names its task."""
+def load_tasks(names: list[str], task_data_dir: Path | None, builtin_dir: Path) -> tuple[dict, Any]:
+    """lm-eval Task objects by name, each loaded on its own so that an error names its task,
+    and the TaskManager that found them (for simple_evaluate, which otherwise builds a default
+    one: lm-eval's whole index again, 40-60 s per call on the 2-core VM)."""
     from bloomrun.eval import tasks as builtin
     from lm_eval.tasks import TaskManager
 
@@ -49,7 +54,10 @@ def load_tasks(names: list[str], task_data_dir: Path | None, builtin_dir: Path) 
         if not task_data_dir.is_dir():
             raise EvalError(f"taskDataDir {task_data_dir}: no such folder")
         include.append(str(task_data_dir))
-    manager = TaskManager(include_path=include)
+    # Indexing lm-eval's own task YAMLs takes ~40 s on the 2-core VM (4 s without), on every
+    # call: skipped when bloomrun's own tasks are all that is asked for (bloomctl study run
+    # scores every arm's checkpoints in one process).
+    manager = TaskManager(include_path=include, include_defaults=any(n not in builtin.TASKS for n in names))
     loaded = {}
     for name in names:
         if name not in manager.all_tasks:
@@ -61,7 +69,7 @@ def load_tasks(names: list[str], task_data_dir: Path | None, builtin_dir: Path) 
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
             raise EvalError(f"task {name}: its data is not staged ({type(err).__name__}: {first}); "
                             f"see docs/eval.md") from None
-    return loaded
+    return loaded, manager
 
 
 def random_baseline(task, limit: int | None) -> float:
@@ -94,9 +102,22 @@ class Summary:
     mean: float | None  # mean accuracy over the tasks that have one
     normalised_mean: float | None
 
+    @property
+    def mean_stderr(self) -> float | None:
+        """Standard error of `mean` (None when a task averaged has none)."""
+        return mean_stderr([s.stderr for s in self.scores if s.random is not None])
+
     def to_dict(self) -> dict:
         return {"mean": self.mean, "normalisedMean": self.normalised_mean,
                 "tasks": {s.task: {**asdict(s), "normalised": s.normalised} for s in self.scores}}
+
+
+def mean_stderr(stderrs: list[float | None]) -> float | None:
+    """Standard error of a mean over tasks scored independently: sqrt(sum of squares) / tasks;
+    None if any task has none (a partial figure would understate the noise)."""
+    if not stderrs or any(s is None for s in stderrs):
+        return None
+    return math.sqrt(sum(s * s for s in stderrs)) / len(stderrs)
 
 
 def summarize(results: dict, baselines: dict[str, float]) -> Summary:
@@ -144,9 +165,9 @@ def evaluate(lm, names: list[str], *, limit: int | None = None, task_data_dir: P
     from lm_eval import simple_evaluate
 
     with tempfile.TemporaryDirectory(prefix="bloomrun-eval-tasks-") as builtin_dir:
-        loaded = load_tasks(names, task_data_dir, Path(builtin_dir))
+        loaded, manager = load_tasks(names, task_data_dir, Path(builtin_dir))
         baselines = {name: random_baseline(task, limit) for name, task in loaded.items()}
-        results = simple_evaluate(model=lm, tasks=list(loaded.values()), limit=limit,
+        results = simple_evaluate(model=lm, tasks=list(loaded.values()), task_manager=manager, limit=limit,
                                   log_samples=log_samples, bootstrap_iters=1000)
     return results, summarize(results, baselines)
 

@@ -19,12 +19,15 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Callable
 
+from bloomrun.operator import admission, evaluation
 from bloomrun.operator import reconcile as planner
+from bloomrun.operator.admission import RunPolicy
 from bloomrun.operator.desired import Run
-from bloomrun.operator.kube import ApiError, Conflict, ForeignObject, Kube, NamespaceTerminating
+from bloomrun.operator.kube import ApiError, Conflict, ForeignObject, Kube, LeftoverChild, NamespaceTerminating
 from bloomrun.operator.metrics import OperatorMetrics
 from bloomrun.operator.reconcile import FOREIGN_CHILD, INVALID_SPEC, PodView
 from bloomrun.operator.spec import DEFAULT_IMAGE, BloomRunStatus, ManifestError
@@ -32,6 +35,7 @@ from bloomrun.operator.spec import DEFAULT_IMAGE, BloomRunStatus, ManifestError
 log = logging.getLogger(__name__)
 
 CONFLICT_RETRY_S = 1.0
+LEFTOVER_RETRY_S = 2.0  # a deleted predecessor's children: GC removes them within seconds
 NODE_LIST_EVERY_S = 10.0
 MAX_PARALLEL_REQUESTS = 8  # pod creates of one reconcile, and requeued reconciles
 
@@ -69,6 +73,7 @@ def status_patch(status: BloomRunStatus) -> dict:
 PodsSource = Callable[[str, str], list[PodView]]  # (namespace, run) -> the run's worker pods
 InfraSource = Callable[[str, str], set[tuple[str, str]]]  # (namespace, run) -> (kind, name) that exist
 NodesSource = Callable[[], "set[str] | None"]  # names of the existing nodes (None: unknown)
+JobsSource = Callable[[str, str], list[evaluation.JobView]]  # (namespace, run) -> its evaluation Jobs
 
 
 class Schedule:
@@ -116,16 +121,19 @@ class Schedule:
 
 class Controller:
     def __init__(self, kube: Kube, metrics: OperatorMetrics, pods: PodsSource, infra: InfraSource | None = None,
-                 nodes: NodesSource | None = None, interval_s: float = 10.0, default_image: str = DEFAULT_IMAGE):
+                 nodes: NodesSource | None = None, interval_s: float = 10.0, default_image: str = DEFAULT_IMAGE,
+                 eval_jobs: JobsSource | None = None, run_policy: RunPolicy | None = None):
         """`infra` None: which children exist is unknown (they are applied when the spec
         changes only); `nodes` None: a NodeNames list of the cluster's nodes."""
         self.kube = kube
         self.metrics = metrics
         self.pods = pods
         self.infra = infra
+        self.eval_jobs = eval_jobs or (lambda namespace, name: [])
         self.nodes = nodes or NodeNames(kube)
         self.interval_s = interval_s  # the safety net: events drive reconciles, this catches the rest
         self.default_image = default_image  # for runs whose spec names no trainer image
+        self.run_policy = run_policy or RunPolicy()  # what this install lets runs ask for
         self.schedule = Schedule()
         self._locks: dict[tuple[str, str], threading.Lock] = {}
         self._locks_guard = threading.Lock()
@@ -162,15 +170,26 @@ class Controller:
         except ManifestError as err:
             self._refuse(body, status, str(err), now)
             return
+        # The install's rules (the chart's admission policy refuses such runs first, where installed).
+        refused = admission.refusal(run.spec, self.run_policy)
+        if refused is not None:
+            self._refuse(body, status, refused, now, reason=admission.POLICY_VIOLATION)
+            return
         pods = self.pods(namespace, name)
         nodes = self._known_nodes(pods)
         infra = self.infra(namespace, name) if self.infra else None
-        plan = planner.plan(run, status, pods, now, known_nodes=nodes, observed_infra=infra)
+        jobs = self._eval_jobs(namespace, name, status)
+        plan = planner.plan(run, status, pods, now, known_nodes=nodes, observed_infra=infra, eval_jobs=jobs,
+                            unready_since=self._unready_nodes(pods, now))
 
         if plan.infra:
             try:
                 for obj in plan.infra.objects:
                     self.kube.apply_owned(obj, run.uid)
+            except LeftoverChild as err:
+                log.info("%s/%s: %s", namespace, name, err)
+                self.requeue(namespace, name, LEFTOVER_RETRY_S)
+                return
             except ForeignObject as err:
                 self._refuse(body, status, str(err), now, reason=FOREIGN_CHILD)
                 return
@@ -185,6 +204,8 @@ class Controller:
             self.kube.delete_pod(namespace, delete.name, delete.uid, force=delete.force)
         # A 64-node run's pods: created in parallel, each create idempotent by name.
         list(self.requests.map(lambda create: self.kube.create_pod(create.manifest), plan.creates))
+        for job in plan.eval_jobs:
+            self._create_eval_job(job, run.uid)
         for event in plan.events:
             self.kube.post_event(body, event.type, event.reason, event.message)
 
@@ -198,6 +219,22 @@ class Controller:
         if plan.requeue_after is not None:
             self.requeue(namespace, name, plan.requeue_after)
 
+    def _eval_jobs(self, namespace: str, name: str, status: BloomRunStatus) -> list[evaluation.JobView]:
+        """The run's evaluation Jobs; a finished one whose outcome is not recorded yet comes
+        with its pod's termination message (the summary, or what failed)."""
+        jobs = self.eval_jobs(namespace, name)
+        waiting = {job.uid for job in evaluation.awaiting_summary(status, jobs)}
+        return [replace(job, summary=self.kube.job_termination_message(namespace, job.uid))
+                if job.uid in waiting else job for job in jobs]
+
+    def _create_eval_job(self, manifest: dict, run_uid: str) -> None:
+        """Create-first; a Job of that name left by an earlier run of the same name (until the
+        garbage collector removes it) is logged and tried again next time, never adopted."""
+        try:
+            self.kube.create_owned(manifest, run_uid)
+        except ForeignObject as err:
+            log.warning("evaluation Job not created: %s", err)
+
     def _known_nodes(self, pods: list[PodView]) -> set[str] | None:
         """Node names from the watch-fed index, confirmed by a GET for any pod's node the index
         lacks: a pod can be bound to a node whose watch event has not arrived yet, and
@@ -209,6 +246,20 @@ class Controller:
             if pod.node_name and pod.node_name not in nodes and self.kube.node_exists(pod.node_name):
                 nodes = nodes | {pod.node_name}
         return nodes
+
+    def _unready_nodes(self, pods: list[PodView], now: datetime) -> dict[str, datetime]:
+        """The nodes of workers still Terminating after their grace period that are not Ready,
+        and since when (planner.stuck_terminating): a GET per such node, so only deletions
+        that are overdue cost a request."""
+        overdue = {p.node_name for p in pods if p.deleting and p.node_name
+                   and p.deletion_deadline is not None and p.deletion_deadline <= now}
+        unready = {}
+        for node_name in sorted(overdue):
+            node = self.kube.get_node(node_name)
+            since = planner.node_unready_since(node, now) if node is not None else None
+            if since is not None:
+                unready[node_name] = since
+        return unready
 
     def _refuse(self, body: dict, status: BloomRunStatus, message: str, now: datetime,
                 reason: str = INVALID_SPEC) -> None:

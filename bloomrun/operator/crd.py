@@ -1,7 +1,9 @@
-"""Generate the BloomRun CustomResourceDefinition from the pydantic models in spec.py.
+"""Generate the CustomResourceDefinitions from the pydantic models: BloomRun from
+bloomrun/operator/spec.py, BloomStudy from bloomrun/study/spec.py.
 
-`python -m bloomrun.operator.crd [DIR]` writes DIR/bloomrun.io_bloomruns.yaml (default
-crds/); `make crds` runs it and the test suite fails when crds/ differs from the output.
+`python -m bloomrun.operator.crd [DIR]` writes DIR/bloomrun.io_bloomruns.yaml and
+DIR/bloomrun.io_bloomstudies.yaml (default crds/); `make crds` runs it and the test suite
+fails when crds/ differs from the output.
 
 Pydantic emits JSON Schema 2020-12; the API server wants a *structural* OpenAPI v3 schema:
 no $ref, no anyOf-with-null (nullable instead), boolean exclusive bounds, no
@@ -31,7 +33,10 @@ from bloomrun.operator.spec import (
     BloomRunStatus,
 )
 
+from bloomrun.study import spec as study
+
 CRD_FILE = f"{GROUP}_{PLURAL}.yaml"
+STUDY_CRD_FILE = f"{GROUP}_{study.PLURAL}.yaml"
 
 
 def _preset_lookup(field: str) -> str:
@@ -83,6 +88,9 @@ TRAINER_RULES: dict[str, list[tuple[str, str]]] = {
     ],
 }
 
+# A BloomRun's eval section is the trainer's plus the cluster's fields (spec.RunEvalConfig).
+TRAINER_RULES["RunEvalConfig"] = TRAINER_RULES["EvalConfig"]
+
 # Fields whose pydantic default the CRD does not write into the stored object, so that a CEL
 # rule can tell a value the manifest gives from the default (the operator's pydantic parse
 # fills it in): see BloomRunSpec._check_schedule.
@@ -91,10 +99,26 @@ IMPLICIT_DEFAULTS: dict[str, set[str]] = {"OptimConfig": {"warmupTokens"}}
 PRINTER_COLUMNS = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
     {"name": "Nodes", "type": "string", "jsonPath": ".status.nodes.display", "description": "ready/desired workers"},
+    # Wide only (priority 1): most runs are 1x1xN, and the default table is already wide.
+    {"name": "Layout", "type": "string", "jsonPath": ".status.layout.display", "priority": 1,
+     "description": "tensor x pipeline x data-parallel degrees of the running world (status.layout)"},
     {"name": "Step", "type": "integer", "jsonPath": ".status.progress.step"},
     {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss"},
     {"name": "Tokens/s", "type": "number", "jsonPath": ".status.progress.tokensPerSecond"},
     {"name": "Restarts", "type": "integer", "jsonPath": ".status.restarts"},
+    {"name": "Goodput", "type": "string", "jsonPath": ".status.goodput.display",
+     "description": "productive share of the run's GPU-hours (status.goodput)"},
+    {"name": "Eval", "type": "number", "jsonPath": ".status.evaluation.mean",
+     "description": "mean zero-shot accuracy of the newest checkpoint scored"},
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+]
+
+STUDY_PRINTER_COLUMNS = [
+    {"name": "Arms", "type": "integer", "jsonPath": ".status.armCount"},
+    {"name": "Done", "type": "integer", "jsonPath": ".status.done", "description": "arms trained and scored"},
+    {"name": "Best", "type": "string", "jsonPath": ".status.comparison.best",
+     "description": "arm with the best mean zero-shot accuracy at the comparison point"},
+    {"name": "GPU-hours", "type": "number", "jsonPath": ".status.gpuHours"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
 
@@ -182,46 +206,47 @@ def schema_of(model: type) -> dict:
     return structural(raw, raw.get("$defs", {}))
 
 
-def build_crd() -> dict:
-    """The CustomResourceDefinition object (pure)."""
-    spec_schema = schema_of(BloomRunSpec)
-    status_schema = schema_of(BloomRunStatus)
+def _name_rules(max_length: int, why: str) -> list[dict]:
+    return [
+        {"rule": f"self.metadata.name.size() <= {max_length}",
+         "message": f"metadata.name must be at most {max_length} characters ({why})"},
+        {"rule": f"self.metadata.name.matches('{RUN_NAME_PATTERN}')",
+         "message": "metadata.name must be a DNS-1035 label (lowercase letters, digits, '-', starting with a letter)"},
+    ]
+
+
+def _crd(kind: str, plural: str, short_name: str, description: str, spec_model: type, status_model: type,
+         rules: list[dict], columns: list[dict]) -> dict:
     root = {
         "type": "object",
-        "description": "A BLOOM-style training run: the trainer's config plus where and how to run it.",
+        "description": description,
         "required": ["spec"],
         "properties": {
             "apiVersion": {"type": "string"},
             "kind": {"type": "string"},
             "metadata": {"type": "object"},
-            "spec": spec_schema,
-            "status": status_schema,
+            "spec": schema_of(spec_model),
+            "status": schema_of(status_model),
         },
-        "x-kubernetes-validations": [
-            {
-                "rule": f"self.metadata.name.size() <= {MAX_RUN_NAME}",
-                "message": f"metadata.name must be at most {MAX_RUN_NAME} characters (children append -worker-N)",
-            },
-            {
-                "rule": f"self.metadata.name.matches('{RUN_NAME_PATTERN}')",
-                "message": "metadata.name must be a DNS-1035 label (lowercase letters, digits, '-', starting with a letter)",
-            },
-        ],
+        "x-kubernetes-validations": rules,
     }
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
-        "metadata": {"name": f"{PLURAL}.{GROUP}"},
+        "metadata": {"name": f"{plural}.{GROUP}"},
         "spec": {
             "group": GROUP,
             "scope": "Namespaced",
             "names": {
-                "kind": KIND,
-                "listKind": f"{KIND}List",
-                "plural": PLURAL,
-                "singular": KIND.lower(),
-                "shortNames": [SHORT_NAME],
-                "categories": ["all", "bloomrun"],
+                "kind": kind,
+                "listKind": f"{kind}List",
+                "plural": plural,
+                "singular": kind.lower(),
+                "shortNames": [short_name],
+                # `kubectl get bloom` lists runs and studies together. Not "bloomrun": a
+                # category named like a kind's singular makes `kubectl delete bloomrun NAME`
+                # expand to every kind of the category and refuse ("only one resource").
+                "categories": ["all", "bloom"],
             },
             "versions": [
                 {
@@ -229,7 +254,7 @@ def build_crd() -> dict:
                     "served": True,
                     "storage": True,
                     "subresources": {"status": {}},
-                    "additionalPrinterColumns": PRINTER_COLUMNS,
+                    "additionalPrinterColumns": columns,
                     "schema": {"openAPIV3Schema": root},
                 }
             ],
@@ -237,16 +262,48 @@ def build_crd() -> dict:
     }
 
 
+def build_crd() -> dict:
+    """The BloomRun CustomResourceDefinition object (pure)."""
+    return _crd(KIND, PLURAL, SHORT_NAME,
+                "A BLOOM-style training run: the trainer's config plus where and how to run it.",
+                BloomRunSpec, BloomRunStatus, _name_rules(MAX_RUN_NAME, "children append -worker-N"),
+                PRINTER_COLUMNS)
+
+
+def build_study_crd() -> dict:
+    """The BloomStudy CustomResourceDefinition object (pure). The arm count and unique arm
+    names come from the schema (maxItems, a list map keyed by name); each arm's run name
+    `<study>-<arm>` must itself be a valid run name."""
+    arm_names = {
+        "rule": f"self.spec.arms.all(a, self.metadata.name.size() + 1 + a.name.size() <= {MAX_RUN_NAME})",
+        "message": f"each arm's run, metadata.name + '-' + arm name, must be at most {MAX_RUN_NAME} characters",
+    }
+    return _crd(study.KIND, study.PLURAL, study.SHORT_NAME,
+                "An ablation study: arms of one base run, trained to equal tokens under one GPU-hour budget.",
+                study.BloomStudySpec, study.BloomStudyStatus,
+                _name_rules(MAX_RUN_NAME, "its arms' runs are named <study>-<arm>") + [arm_names],
+                STUDY_PRINTER_COLUMNS)
+
+
 def render_crd() -> str:
     header = "# Generated by `make crds` (python -m bloomrun.operator.crd) from bloomrun/operator/spec.py. Do not edit.\n"
     return header + yaml.safe_dump(build_crd(), sort_keys=False, width=120)
 
 
+def render_study_crd() -> str:
+    header = "# Generated by `make crds` (python -m bloomrun.operator.crd) from bloomrun/study/spec.py. Do not edit.\n"
+    return header + yaml.safe_dump(build_study_crd(), sort_keys=False, width=120)
+
+
+RENDERERS = {CRD_FILE: render_crd, STUDY_CRD_FILE: render_study_crd}
+
+
 def main(argv: list[str]) -> int:
     out_dir = Path(argv[0] if argv else "crds")
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / CRD_FILE).write_text(render_crd())
-    print(f"wrote {out_dir / CRD_FILE}")
+    for name, render in RENDERERS.items():
+        (out_dir / name).write_text(render())
+        print(f"wrote {out_dir / name}")
     return 0
 
 

@@ -153,7 +153,10 @@ def pod_trainer_config(run: Run) -> TrainerConfig:
     folder on their volume, beside the other runs' folders a warm start may name."""
     spec = run.spec
     folder = run_checkpoint_dir(run)
-    return resolve_config(spec.trainer_config(), base_dir=spec.data_volume.mount_path,
+    # Without the eval section: the evaluation Jobs get theirs on the command line, so a change
+    # to it never changes the workers' template (which would restart training).
+    config = spec.trainer_config().model_copy(update={"eval": None})
+    return resolve_config(config, base_dir=spec.data_volume.mount_path,
                           checkpoint_dir=folder, runs_root=folder.parent.parent)
 
 
@@ -223,7 +226,7 @@ def desired_rendezvous_store(run: Run) -> dict:
         "hostname": rendezvous_store_name(run), "subdomain": service_name(run),
         "automountServiceAccountToken": False, "enableServiceLinks": False,
         "securityContext": pod_security_context(),
-        "nodeSelector": dict(run.spec.pool.node_selector), "tolerations": worker_tolerations(run),
+        "nodeSelector": dict(run.spec.pool.node_selector), "tolerations": store_tolerations(run),
         "containers": [container],
         "volumes": [scratch_volume()[0]],
     }
@@ -333,8 +336,25 @@ def worker_env(run: Run) -> list[dict]:
 
 
 def worker_tolerations(run: Run) -> list[dict]:
-    tolerations = [t.model_dump(by_alias=True, exclude_none=True) for t in run.spec.pool.tolerations]
-    if run.spec.gpus_per_node and not any(t.get("key") == GPU_RESOURCE for t in tolerations):
+    return pool_tolerations(run.spec.pool, run.spec.gpus_per_node)
+
+
+# The store's Deployment replaces its pod only once it is evicted from a lost node, by default
+# 300 s after the node goes NotReady (DefaultTolerationSeconds): no agent can re-form a group
+# meanwhile. Seen on the real nodes: losing the store's node stopped the survivor for minutes.
+STORE_EVICTION_S = 10
+
+
+def store_tolerations(run: Run) -> list[dict]:
+    return worker_tolerations(run) + [
+        {"key": key, "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": STORE_EVICTION_S}
+        for key in ("node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable")]
+
+
+def pool_tolerations(pool, gpus: int) -> list[dict]:
+    """A pool's tolerations, plus the GPU taint's for a pod that uses GPUs."""
+    tolerations = [t.model_dump(by_alias=True, exclude_none=True) for t in pool.tolerations]
+    if gpus and not any(t.get("key") == GPU_RESOURCE for t in tolerations):
         # GPU pools carry this taint so CPU pods stay off them; a GPU worker belongs there.
         tolerations.append({"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"})
     return tolerations
@@ -438,7 +458,7 @@ def worker_pod_spec(run: Run) -> dict:
         pod_spec["volumes"].append(
             {"name": "data", "persistentVolumeClaim": {"claimName": spec.data_volume.claim_name, "readOnly": True}})
     if spec.pool.affinity:
-        pod_spec["affinity"] = spec.pool.affinity
+        pod_spec["affinity"] = spec.pool.manifest_affinity()
     if spec.priority_class_name:
         pod_spec["priorityClassName"] = spec.priority_class_name
     return pod_spec

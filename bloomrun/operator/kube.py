@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 from typing import Any, Callable
 
 from bloomrun.operator.desired import CHILD_KINDS
+from bloomrun.operator.evaluation import JOB_KIND
 from bloomrun.operator.spec import GROUP, PLURAL, VERSION
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ def api_prefix(api_version: str) -> str:
 
 
 # kind -> (API prefix, plural): the run's children (desired.CHILD_KINDS), its Events and itself.
-PATHS = {child.kind: (api_prefix(child.api_version), child.plural) for child in CHILD_KINDS} | {
+PATHS = {child.kind: (api_prefix(child.api_version), child.plural) for child in (*CHILD_KINDS, JOB_KIND)} | {
     "Event": (api_prefix("v1"), "events"),
     "BloomRun": (api_prefix(f"{GROUP}/{VERSION}"), PLURAL),
 }
@@ -66,6 +67,17 @@ class ForeignObject(Exception):
     def __init__(self, kind: str, namespace: str, name: str):
         super().__init__(f"{kind} {namespace}/{name} exists and is not this run's; delete or rename it, "
                          "or rename the run")
+        self.kind, self.name = kind, name
+
+
+class LeftoverChild(ForeignObject):
+    """A child's name is taken by the child of a deleted run of the same name that the
+    garbage collector has not removed yet (`kubectl delete` then `apply` at once): not
+    foreign for long, so the run waits for it instead of failing."""
+
+    def __init__(self, kind: str, namespace: str, name: str):
+        Exception.__init__(self, f"{kind} {namespace}/{name} still belongs to a deleted run of this name; "
+                                 "waiting for the garbage collector to remove it")
         self.kind, self.name = kind, name
 
 
@@ -151,17 +163,43 @@ class Kube:
     def apply_owned(self, obj: dict, owner_uid: str) -> None:
         """Create the child; when its name is taken, apply it only if this run (uid) already
         controls it, else raise ForeignObject and leave the object untouched."""
+        if not self.create_owned(obj, owner_uid):
+            self.apply(obj)
+
+    def create_owned(self, obj: dict, owner_uid: str) -> bool:
+        """Create the child (True); when its name is taken by this run's (uid) own object, leave
+        it as it is (False); by anyone else's, raise ForeignObject. For objects that must never
+        be changed once made, such as an evaluation Job (its pod template is immutable)."""
         meta = obj["metadata"]
         try:
             self.request("POST", object_path(obj["kind"], meta["namespace"]), obj)
-            return
+            return True
         except Conflict:  # AlreadyExists
             pass
         existing = self.request("GET", object_path(obj["kind"], meta["namespace"], meta["name"])) or {}
-        owners = existing.get("metadata", {}).get("ownerReferences") or []
-        if not any(ref.get("uid") == owner_uid and ref.get("controller") for ref in owners):
-            raise ForeignObject(obj["kind"], meta["namespace"], meta["name"])
-        self.apply(obj)
+        controller = next((ref for ref in existing.get("metadata", {}).get("ownerReferences") or []
+                           if ref.get("controller")), {})
+        if controller.get("uid") == owner_uid:
+            return False
+        ours = next((ref for ref in meta.get("ownerReferences") or [] if ref.get("uid") == owner_uid), None)
+        if ours and (controller.get("kind"), controller.get("name")) == (ours["kind"], ours["name"]):
+            # Same kind and name, another uid: a predecessor deleted from this namespace
+            # (names are unique there, so it no longer exists), whose children GC removes.
+            raise LeftoverChild(obj["kind"], meta["namespace"], meta["name"])
+        raise ForeignObject(obj["kind"], meta["namespace"], meta["name"])
+
+    def job_termination_message(self, namespace: str, job_uid: str) -> str:
+        """The termination message of a finished Job's last pod to end (the evaluation's summary
+        or error; the log's tail after a crash); "" when its pods are gone."""
+        pods = (self.request("GET", object_path("Pod", namespace),
+                             query={"labelSelector": f"batch.kubernetes.io/controller-uid={job_uid}"}) or {})
+        ended = []
+        for pod in pods.get("items") or []:
+            for container in (pod.get("status") or {}).get("containerStatuses") or []:
+                terminated = (container.get("state") or {}).get("terminated")
+                if terminated:
+                    ended.append((terminated.get("finishedAt") or "", terminated.get("message") or ""))
+        return max(ended)[1] if ended else ""
 
     def create_pod(self, manifest: dict) -> bool:
         """True if created, False if a pod of that name already exists."""
@@ -199,6 +237,15 @@ class Kube:
             self.on_error("list")
             raise ApiError(response.status, response.reason or "")
         return {n["metadata"]["name"] for n in json.loads(data).get("items", [])}
+
+    def get_node(self, name: str) -> dict | None:
+        """The Node object, None when it does not exist."""
+        try:
+            return self.request("GET", f"/api/v1/nodes/{name}")
+        except ApiError as err:
+            if err.status == 404:
+                return None
+            raise
 
     def node_exists(self, name: str) -> bool:
         try:

@@ -14,17 +14,25 @@ bloomrun.operator` parses the options, registers and runs kopf.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 
 import kopf
+from kopf._cogs.structs import references
+from kopf._core.reactor import observation
 
+from bloomrun.operator import evaluation
+from bloomrun.operator import study as studies
+from bloomrun.operator.admission import RunPolicy
 from bloomrun.operator.controller import Controller
 from bloomrun.operator.desired import INFRA_KINDS, MANAGED_BY, OPERATOR, RUN_LABEL, WORKER_KIND, ChildKind
 from bloomrun.operator.kube import Kube
 from bloomrun.operator.metrics import DEFAULT_PORT, OperatorMetrics
 from bloomrun.operator.reconcile import PodView
 from bloomrun.operator.spec import DEFAULT_IMAGE, GROUP, PLURAL, VERSION
+from bloomrun.study.spec import PLURAL as STUDY_PLURAL
+from bloomrun.study.spec import STUDY_LABEL
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +44,7 @@ class Options:
     max_workers: int = 16  # kopf's threads for sync handlers
     namespaces: tuple[str, ...] = ()  # empty: cluster-wide
     trainer_image: str = DEFAULT_IMAGE  # for runs whose spec names none
+    run_policy: RunPolicy = RunPolicy()  # what runs may ask of the cluster (the chart's runPolicy)
 
 
 def needs_scanning(namespaces: tuple[str, ...]) -> bool:
@@ -46,6 +55,7 @@ def needs_scanning(namespaces: tuple[str, ...]) -> bool:
 
 
 WORKERS = {MANAGED_BY: OPERATOR, RUN_LABEL: kopf.PRESENT}  # every child carries these
+EVAL_JOBS = {MANAGED_BY: OPERATOR, evaluation.EVAL_LABEL: kopf.PRESENT, evaluation.STEP_LABEL: kopf.PRESENT}
 # Pod events come in bursts (a 64-node run's pods are created, bound and started within a
 # second): each requeues the run shortly after, so a burst costs one reconcile.
 POD_EVENT_DEBOUNCE_S = 0.2
@@ -57,6 +67,7 @@ def register(options: Options, registry: kopf.OperatorRegistry | None = None) ->
     """Every handler of the operator, on `registry` (a new one by default), configured by
     `options`: nothing is read from the environment, nothing registered at import."""
     registry = registry if registry is not None else kopf.OperatorRegistry()
+    patch_namespace_observer()
     # kopf adds this fallback to its default registry only; kube.py uses the same credentials.
     kopf.on.login(registry=registry)(kopf.login_via_client)
     kopf.on.startup(param=options, registry=registry)(configure)
@@ -70,12 +81,70 @@ def register(options: Options, registry: kopf.OperatorRegistry | None = None) ->
                    registry=registry)(infra_child)
         kopf.on.event(child.api_version, child.plural, labels=WORKERS, id=f"{index_id(child)}_event",
                       registry=registry)(infra_deleted)
+    # Evaluation Jobs: watched so that a finished one is recorded at once.
+    job = evaluation.JOB_KIND
+    kopf.index(job.api_version, job.plural, labels=EVAL_JOBS, id="eval_jobs", registry=registry)(eval_job)
+    kopf.on.event(job.api_version, job.plural, labels=EVAL_JOBS, id="eval_job_event",
+                  registry=registry)(eval_job_changed)
     for on in (kopf.on.resume, kopf.on.create):
         on(GROUP, VERSION, PLURAL, registry=registry)(run_changed)
     kopf.on.update(GROUP, VERSION, PLURAL, field="spec", registry=registry)(run_changed)
     kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=LOOP_CANCELLATION_TIMEOUT_S,
                 registry=registry)(run_loop)
+    # Studies (bloomrun/operator/study.py): reconciled when created or changed, when one of
+    # their arm runs changes, and by a loop every timer_interval_s as the safety net.
+    kopf.on.update(GROUP, VERSION, STUDY_PLURAL, field="spec", registry=registry)(study_changed)
+    kopf.daemon(GROUP, VERSION, STUDY_PLURAL, cancellation_timeout=LOOP_CANCELLATION_TIMEOUT_S,
+                param=options.timer_interval_s, registry=registry)(study_loop)
+    kopf.on.event(GROUP, VERSION, PLURAL, labels={STUDY_LABEL: kopf.PRESENT}, id="study_arm_event",
+                  registry=registry)(study_arm_changed)
     return registry
+
+
+def patch_namespace_observer() -> None:
+    """Works around two faults of kopf's (1.45.2) namespace observer, which serves namespaces
+    matching a pattern (`bs-*`) and runs only for patterns. Idempotent.
+
+    A namespace created while the operator starts was never served. kopf lists the
+    namespaces, then starts its namespace watch, which lists them once more and watches from
+    that second list's resourceVersion; the observer ignores the second list's items (type
+    None, as it ignores a CRD watch's initial listing). A namespace created between the two
+    lists is in neither the first list nor the watch: no watch of its runs until it changes
+    or the operator restarts. The window opens while the liveness endpoint starts answering,
+    and again at every re-list of the watch (410 Gone, a broken stream). Fix: a listed
+    namespace is served like an ADDED one (adding one kopf already serves is a no-op).
+
+    A deleted namespace holding runs stayed Terminating for ever. kopf stops serving a
+    namespace at the first event of its deletion that carries conditions none of which is
+    True: the namespace controller's first pass, before it deletes the runs in it. The runs
+    then keep kopf's finalizer (their daemon's), which only a served namespace's watch
+    removes, and the namespace waits on them ("SomeFinalizersRemain: kopf.zalando.org/
+    KopfFinalizerMarker", the test cluster, 2026-12-01). Fix: a matching namespace is served
+    until it is gone (DELETED). A namespace deleted while the watch is down gives no DELETED
+    event: its empty watches stay until the operator restarts."""
+    if getattr(observation.revise_namespaces, "serves_until_gone", False):
+        return
+
+    def revise_namespaces(*, insights, namespaces, raw_events=(), raw_bodies=()) -> None:
+        for event in [*raw_events, *({"type": None, "object": body} for body in raw_bodies)]:
+            name = event["object"]["metadata"]["name"]
+            if event["type"] == "DELETED":
+                insights.namespaces.discard(name)
+            elif any(references.match_namespace(name, pattern) for pattern in namespaces):
+                insights.namespaces.add(name)
+
+    async def process_discovered_namespace_event(*, raw_event, namespaces, insights, **_) -> None:
+        async with insights.revised:
+            observation.revise_namespaces(raw_events=[raw_event], insights=insights, namespaces=namespaces)
+            insights.revised.notify_all()
+
+    revise_namespaces.serves_until_gone = True
+    process_discovered_namespace_event.__wrapped__ = observation.process_discovered_namespace_event
+    revise_namespaces.__wrapped__ = observation.revise_namespaces
+    # Both looked up in kopf's module at each call: the observer's first listing calls
+    # revise_namespaces, its watch (started after) process_discovered_namespace_event.
+    observation.revise_namespaces = revise_namespaces
+    observation.process_discovered_namespace_event = process_discovered_namespace_event
 
 
 def index_id(child: ChildKind) -> str:
@@ -105,10 +174,14 @@ def configure(param: Options, settings: kopf.OperatorSettings, memo: kopf.Memo, 
     kube = Kube(on_error=lambda verb: metrics.api_errors.labels(verb=verb).inc())
     pods = kwargs[index_id(WORKER_KIND)]
     infra = [kwargs[index_id(child)] for child in INFRA_KINDS]
+    jobs = kwargs["eval_jobs"]
     memo.controller = Controller(
         kube, metrics, interval_s=options.timer_interval_s, default_image=options.trainer_image,
+        run_policy=options.run_policy,
         pods=lambda ns, run: _snapshot(pods, (ns, run)),
-        infra=lambda ns, run: {c for index in infra for c in _snapshot(index, (ns, run))})
+        infra=lambda ns, run: {c for index in infra for c in _snapshot(index, (ns, run))},
+        eval_jobs=lambda ns, run: _snapshot(jobs, (ns, run)))
+    memo.studies = studies.StudyController(kube, metrics)
 
 
 def _snapshot(index: kopf.Index, key) -> list:
@@ -128,6 +201,14 @@ def infra_child(param: str, namespace, name, labels, **_):
     return {(namespace, labels[RUN_LABEL]): (param, name)}
 
 
+def eval_job(namespace, labels, body, **_):
+    return {(namespace, labels[evaluation.EVAL_LABEL]): evaluation.JobView.from_body(body)}
+
+
+async def eval_job_changed(namespace, labels, memo, **_) -> None:
+    memo.controller.requeue(namespace, labels[evaluation.EVAL_LABEL], POD_EVENT_DEBOUNCE_S)
+
+
 async def worker_changed(namespace, labels, memo, **_) -> None:
     memo.controller.requeue(namespace, labels[RUN_LABEL], POD_EVENT_DEBOUNCE_S)
 
@@ -143,3 +224,19 @@ def run_changed(namespace, name, memo, **_) -> None:
 
 async def run_loop(namespace, name, memo, **_) -> None:
     await memo.controller.serve(namespace, name)
+
+
+def study_changed(namespace, name, memo, **_) -> None:
+    memo.studies.reconcile_or_log(namespace, name)
+
+
+def study_arm_changed(namespace, labels, memo, **_) -> None:
+    memo.studies.reconcile_or_log(namespace, labels[STUDY_LABEL])
+
+
+async def study_loop(namespace, name, memo, param, **_) -> None:
+    """The study's loop: reconcile now (a new or resumed study) and every `param` seconds,
+    until kopf cancels it (the study is deleted, the operator exits or pauses)."""
+    while True:
+        await asyncio.to_thread(memo.studies.reconcile_or_log, namespace, name)
+        await asyncio.sleep(param)

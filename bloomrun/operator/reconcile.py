@@ -16,13 +16,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
-from bloomrun.operator import desired
+from bloomrun.operator import desired, evaluation
+from bloomrun.operator import goodput
 from bloomrun.operator.conditions import ConditionType as C
 from bloomrun.operator.conditions import set_condition
-from bloomrun.operator.spec import BloomRunStatus, Failure, GpuHours, NodeCounts, WorkerRef
+from bloomrun.operator.spec import BloomRunSpec, BloomRunStatus, Failure, GpuHours, Layout, NodeCounts, WorkerRef
 # How the trainer says a failure is permanent (bad config or data, another run's checkpoint;
-# not a held run lock, which clears once its holder is gone): torchrun hides its exit code.
-from bloomrun.trainer.train import PERMANENT_MARK
+# not a held run lock, which clears once its holder is gone) or that a rank of the pod hung
+# (its watchdog): torchrun hides the trainer's exit code, the termination message says it.
+from bloomrun.trainer.train import HUNG_MARK, PERMANENT_MARK
 
 MAX_BACKOFF_S = 600
 HANDLED_FAILURES_KEPT = 64
@@ -30,6 +32,11 @@ GPU_HOURS_WRITE_EVERY_S = 60  # accounting alone writes status at most once a mi
 PENDING_RECHECK_S = 10
 # A child applied this recently but not yet in the watch-fed view is in flight, not deleted.
 INFRA_SETTLE_S = 5
+# A worker being deleted whose kubelet cannot confirm it (its node NotReady or unreachable)
+# stays Terminating forever, and its fixed name blocks its replacement (issue 19: a run held
+# at 1/2 for 10 simulated hours). Past its grace period, with the node not Ready, for this
+# long, the operator deletes it with grace 0 (see `stuck_terminating`).
+STUCK_TERMINATING_S = 60
 
 # Failure classes (the `reason` label of bloomrun_operator_restarts_total).
 RETRYABLE_EXIT = "RetryableExitCode"
@@ -39,7 +46,8 @@ EVICTED = "Evicted"
 NODE_LOST = "NodeLost"
 UNKNOWN = "Unknown"
 POD_LOST = "PodLost"  # gone without a failure the operator saw: deleted by hand, node GC
-RETRYABLE_CLASSES = {RETRYABLE_EXIT, OOM_KILLED, EVICTED, NODE_LOST, UNKNOWN, POD_LOST}
+HUNG = "Hung"  # the trainer's watchdog ended the pod: a rank of it made no progress
+RETRYABLE_CLASSES = {RETRYABLE_EXIT, OOM_KILLED, EVICTED, NODE_LOST, UNKNOWN, POD_LOST, HUNG}
 BUDGET_SPENT = "GPUHourBudgetSpent"
 INVALID_SPEC = "InvalidSpec"
 FOREIGN_CHILD = "ForeignChild"  # a child's name is taken by an object this run does not control
@@ -75,12 +83,15 @@ class PodView:
     template_hash: str
     phase: str  # Pending | Running | Succeeded | Failed | Unknown
     deleting: bool = False
+    deletion_deadline: datetime | None = None  # deletionTimestamp: the delete request + its grace
     node_name: str | None = None
     unschedulable: str | None = None  # the scheduler's message while it cannot bind the pod
     exit_code: int | None = None
     reason: str | None = None  # pod-level (Evicted) or container-level (OOMKilled) reason
     message: str = ""
     owner_uid: str | None = None
+    started_at: datetime | None = None  # its first container started (running or since ended)
+    finished_at: datetime | None = None  # its last container ended, once all have
 
     @classmethod
     def from_body(cls, pod: dict) -> "PodView":
@@ -91,7 +102,8 @@ class PodView:
             if condition.get("type") == "PodScheduled" and condition.get("status") == "False":
                 unschedulable = condition.get("message") or condition.get("reason") or "Unschedulable"
         exit_code, reason, message = None, status.get("reason"), status.get("message") or ""
-        for container in status.get("containerStatuses") or []:
+        containers = status.get("containerStatuses") or []
+        for container in containers:
             terminated = (container.get("state") or {}).get("terminated")
             if terminated and (exit_code is None or terminated.get("exitCode")):
                 exit_code = terminated.get("exitCode")
@@ -101,14 +113,27 @@ class PodView:
         return cls(
             name=meta["name"], uid=meta.get("uid", ""), index=int(labels.get(desired.INDEX_LABEL, -1)),
             template_hash=labels.get(desired.HASH_LABEL, ""), phase=status.get("phase", "Pending"),
-            deleting=meta.get("deletionTimestamp") is not None, node_name=spec.get("nodeName"),
+            deleting=meta.get("deletionTimestamp") is not None,
+            deletion_deadline=parse_time(meta.get("deletionTimestamp")), node_name=spec.get("nodeName"),
             unschedulable=unschedulable, exit_code=exit_code, reason=reason, message=message,
             owner_uid=next((o.get("uid") for o in meta.get("ownerReferences") or [] if o.get("controller")), None),
+            **_container_times(containers),
         )
 
     @property
     def live(self) -> bool:
         return not self.deleting and self.phase in ("Pending", "Running", "Unknown")
+
+
+def _container_times(containers: list[dict]) -> dict:
+    """When the pod's containers began to run and, once every one has ended, when the last
+    did: what the pod held its node's GPUs for, as the kubelet reports it."""
+    states = [c.get("state") or {} for c in containers]
+    starts = [parse_time((s.get("running") or s.get("terminated") or {}).get("startedAt")) for s in states]
+    ends = [parse_time((s.get("terminated") or {}).get("finishedAt")) for s in states]
+    started = min((t for t in starts if t is not None), default=None)
+    finished = max(ends) if ends and all(t is not None for t in ends) else None
+    return {"started_at": started, "finished_at": finished}
 
 
 # ------------------------------------------------------------------------------ plan
@@ -147,6 +172,7 @@ class Plan:
     infra: ApplyInfra | None = None
     deletes: list[DeletePod] = field(default_factory=list)
     creates: list[CreatePod] = field(default_factory=list)
+    eval_jobs: list[dict] = field(default_factory=list)  # evaluation Jobs to create (evaluation.py)
     events: list[Event] = field(default_factory=list)
     restart_reasons: list[str] = field(default_factory=list)  # counted restarts, for metrics
     finish_reason: str | None = None
@@ -159,10 +185,38 @@ class Plan:
 TORCHRUN_WORKERS_FAILED = 1
 
 
-def classify(pod: PodView, known_nodes: set[str] | None, retryable_codes: list[int]) -> str | None:
+def stuck_terminating(pod: PodView, unready_since: dict[str, datetime], now: datetime) -> bool:
+    """Whether `pod` is being deleted, its grace period ended STUCK_TERMINATING_S ago or more, and
+    its node has not been Ready for as long: no kubelet will confirm the deletion, so only a
+    deletion with grace 0 frees the name. What `kubectl delete --force` does by hand and
+    StatefulSet users are told to do (the StatefulSet controller never does it, to keep at most
+    one pod per identity); here a stale trainer left running on a partitioned node is fenced by
+    the checkpoint folder's lock (bloomrun.trainer.runlock: a new rank 0 waits, retried, while
+    it is held), so the run takes the risk rather than stay short of a node until someone
+    notices. A pod on a Ready node is never forced."""
+    since = unready_since.get(pod.node_name or "")
+    bound = timedelta(seconds=STUCK_TERMINATING_S)
+    return (pod.deleting and pod.deletion_deadline is not None and since is not None
+            and now - pod.deletion_deadline >= bound and now - since >= bound)
+
+
+def node_unready_since(node: dict, now: datetime) -> datetime | None:
+    """Since when a Node (its API object) has not been Ready (False or Unknown: the node
+    controller's verdict when its kubelet stops reporting); None while Ready."""
+    ready = next((c for c in (node.get("status") or {}).get("conditions") or [] if c.get("type") == "Ready"), None)
+    if ready is not None and ready.get("status") == "True":
+        return None
+    return parse_time((ready or {}).get("lastTransitionTime")) or now
+
+
+def classify(pod: PodView, known_nodes: set[str] | None, retryable_codes: list[int],
+             unready_since: dict[str, datetime] | None = None, now: datetime | None = None) -> str | None:
     """The failure class of a pod, or None while it has not failed. A trainer's permanent
     verdict wins; otherwise torchrun giving up is retryable (a lost peer, a collective timeout,
-    a transient NCCL error end the same way), as are the signal exits in `retryable_codes`."""
+    a transient NCCL error end the same way), as are the signal exits in `retryable_codes`.
+    A pod stuck Terminating on a node that is not Ready is lost with its node."""
+    if unready_since and now is not None and stuck_terminating(pod, unready_since, now):
+        return NODE_LOST
     if pod.phase != "Failed":
         if pod.node_name and known_nodes is not None and pod.node_name not in known_nodes:
             return NODE_LOST
@@ -175,6 +229,8 @@ def classify(pod: PodView, known_nodes: set[str] | None, retryable_codes: list[i
         return NODE_LOST
     if pod.message.startswith(PERMANENT_MARK):
         return PERMANENT_EXIT
+    if pod.message.startswith(HUNG_MARK):
+        return HUNG
     if pod.exit_code is None:
         return UNKNOWN
     retryable = pod.exit_code in retryable_codes or pod.exit_code == TORCHRUN_WORKERS_FAILED
@@ -227,18 +283,24 @@ class Draft:
 
 
 def plan(run: desired.Run, status: BloomRunStatus, pods: list[PodView], now: datetime,
-         known_nodes: set[str] | None = None, observed_infra: set[tuple[str, str]] | None = None) -> Plan:
+         known_nodes: set[str] | None = None, observed_infra: set[tuple[str, str]] | None = None,
+         eval_jobs: list[evaluation.JobView] | None = None,
+         unready_since: dict[str, datetime] | None = None) -> Plan:
     """Decide what to do next. `known_nodes` None means node existence is unknown;
-    `observed_infra` is the (kind, name) of the run's non-pod children that exist (None: unknown)."""
+    `observed_infra` is the (kind, name) of the run's non-pod children that exist (None: unknown);
+    `eval_jobs` the run's evaluation Jobs, finished ones with their pod's termination message;
+    `unready_since` the nodes of pods being deleted that are not Ready, and since when."""
     draft = _start(run, status, pods, now)
     _apply_infrastructure(draft, observed_infra)
-    _account_gpu_hours(draft.status, run.spec.gpus_per_node, now)
+    _account_gpu_hours(draft)
+    _account_goodput(draft)
     _reopen_fixed_spec(draft)
-    _replace_failed_workers(draft, known_nodes)
+    _replace_failed_workers(draft, known_nodes, unready_since or {})
     _replace_lost_workers(draft)
     _finish_or_stop(draft)
     _delete_surplus_workers(draft)
     _create_missing_workers(draft)
+    _evaluate_checkpoints(draft, eval_jobs or [])
     _set_phase(draft)
     _set_conditions(draft, _phase_reason(draft))
     return _complete(draft, status)
@@ -275,15 +337,28 @@ def _reopen_fixed_spec(d: Draft) -> None:
     d.terminal = d.status.phase in ("Succeeded", "Failed")
 
 
-def _replace_failed_workers(d: Draft, known_nodes: set[str] | None) -> None:
-    """Failed workers: count each once, then delete it so its name can be reused."""
+def _replace_failed_workers(d: Draft, known_nodes: set[str] | None, unready_since: dict[str, datetime]) -> None:
+    """Failed workers: count each once, then delete it so its name can be reused. A worker lost
+    with its node is deleted with grace 0 (nobody will confirm a graceful stop), also one already
+    being deleted; that one counts as a failure only if someone else deleted it (a watched worker)."""
+    watched = {ref.uid for ref in d.status.workers}
     for pod in d.pods:
-        failure = classify(pod, known_nodes, d.spec.restart_policy.retryable_exit_codes)
+        failure = classify(pod, known_nodes, d.spec.restart_policy.retryable_exit_codes, unready_since, d.now)
         if failure is None or pod.deleting and failure != NODE_LOST:
             continue
         d.delete(pod, failure, force=failure == NODE_LOST)
-        if pod.uid not in d.status.handled_failures and not d.settled:
+        if pod.deleting and stuck_terminating(pod, unready_since, d.now):
+            d.event("Warning", "WorkerForceDeleted",
+                    f"worker {pod.name} was still Terminating {_ago(d.now, pod.deletion_deadline)} after its "
+                    f"grace period on node {pod.node_name}, not Ready for {_ago(d.now, unready_since[pod.node_name])}: "
+                    "deleted with grace 0 so that its replacement can take its name")
+        counted = not pod.deleting or pod.uid in watched
+        if counted and pod.uid not in d.status.handled_failures and not d.settled:
             _count_failure(d, pod.name, pod.uid, failure, pod.exit_code, pod.message)
+
+
+def _ago(now: datetime, then: datetime) -> str:
+    return f"{(now - then).total_seconds():.0f}s"
 
 
 def _replace_lost_workers(d: Draft) -> None:
@@ -349,6 +424,16 @@ def _create_missing_workers(d: Draft) -> None:
             d.out.creates.append(CreatePod(desired.desired_worker(d.run, index)))
 
 
+def _evaluate_checkpoints(d: Draft, jobs: list[evaluation.JobView]) -> None:
+    """Evaluation Jobs for due checkpoints, whatever the phase: a failed one never touches training."""
+    result = evaluation.plan(d.run, d.status, jobs, d.stamp)
+    if result is not None:
+        d.status.evaluation = result.evaluation
+        d.out.eval_jobs += result.creates
+        for event in result.events:
+            d.event(*event)
+
+
 def _complete(d: Draft, old: BloomRunStatus) -> Plan:
     """The workers to watch for loss, and whether the status must be written at all."""
     d.status.workers = _workers_to_watch(d.pods, old, d.out.deletes)
@@ -376,7 +461,15 @@ def _count_failure(d: Draft, pod_name: str, uid: str, failure: str, exit_code: i
         _finish(d, "Failed", "RestartLimitExceeded",
                 f"{detail}; restart {new.restarts} exceeds maxRestarts {policy.max_restarts}")
         return
-    delay = backoff_seconds(policy.backoff_seconds, new.restarts)
+    if failure == HUNG:  # its own limit and backoff, counted in hangs (restartPolicy.hang)
+        hangs = new.restarts_by_reason[HUNG]
+        if hangs > policy.hang.max_restarts:
+            _finish(d, "Failed", "HangLimitExceeded",
+                    f"{detail}; hang {hangs} exceeds restartPolicy.hang.maxRestarts {policy.hang.max_restarts}")
+            return
+        delay = backoff_seconds(policy.hang.backoff_seconds, hangs)
+    else:
+        delay = backoff_seconds(policy.backoff_seconds, new.restarts)
     new.backoff_until = rfc3339(d.now + timedelta(seconds=delay))
     d.event("Warning", "WorkerFailed", f"{detail}; replacing it in {delay:.0f}s "
             f"(restart {new.restarts} of {policy.max_restarts})")
@@ -401,13 +494,51 @@ def _workers_to_watch(pods: list[PodView], old: BloomRunStatus, deletes: list[De
             and p.phase in ("Pending", "Running", "Unknown")]
 
 
-def _account_gpu_hours(status: BloomRunStatus, gpus_per_node: int, now: datetime) -> None:
-    """Integrate ready workers x GPUs over time; `nodes.ready` is what ran since `accountedAt`."""
-    since = parse_time(status.gpu_hours.accounted_at)
-    used = status.gpu_hours.used
-    if since is not None and now > since:
-        used += status.nodes.ready * gpus_per_node * (now - since).total_seconds() / 3600
-    status.gpu_hours = GpuHours(used=round(used, 6), accounted_at=rfc3339(now))
+def _held_worker_seconds(d: Draft, since: datetime | None) -> float:
+    """Worker-seconds spent holding nodes from `since` to now, from what each pod did:
+    its containers' start and end as the kubelet reports them, clipped to the interval. Not
+    the last known size times the interval: after an operator outage, pods that failed in its
+    first minute were charged for all of it (issue 19: 16 GPU-hours for one hour of 2 failed
+    8-GPU pods). A Running pod that reports no start time is charged the whole interval; a
+    watched worker now gone (deleted by someone else, its node's GC) is too, since nothing says
+    when it stopped and a budget must not be overrun. A pod the operator deleted is charged up
+    to the last reconcile that saw it (at most one interval short)."""
+    if since is None or d.now <= since:
+        return 0.0
+    seconds = 0.0
+    for pod in d.pods:
+        start = pod.started_at or (since if pod.phase == "Running" else None)
+        if start is not None:
+            seconds += max((min(pod.finished_at or d.now, d.now) - max(start, since)).total_seconds(), 0.0)
+    present = {p.uid for p in d.pods}
+    vanished = [w for w in d.status.workers if w.uid not in present and w.uid not in d.status.handled_failures]
+    return seconds + len(vanished) * (d.now - since).total_seconds()
+
+
+def _account_gpu_hours(d: Draft) -> None:
+    """Add the GPU-hours the workers held since `accountedAt`."""
+    held_s = _held_worker_seconds(d, parse_time(d.status.gpu_hours.accounted_at))
+    used = d.status.gpu_hours.used + held_s * d.spec.gpus_per_node / 3600
+    d.status.gpu_hours = GpuHours(used=round(used, 6), accounted_at=d.stamp)
+
+
+def _account_goodput(d: Draft) -> None:
+    """Split the device-hours since the last accounting by use (goodput.py), with the workers
+    held, the phase and evaluation Jobs since then (this plan has not changed them yet)."""
+    status, spec = d.status, d.spec
+    since = parse_time(status.goodput.accounted_at)
+    interval = (d.now - since).total_seconds() if since is not None and d.now > since else 0.0
+    workers = _held_worker_seconds(d, since) / interval if interval else 0.0  # their mean number
+    status.goodput = goodput.account(
+        status.goodput, status.progress, devices=workers * max(spec.gpus_per_node, 1),
+        evaluation_devices=_evaluation_devices(d), phase=status.phase, now=d.now)
+
+
+def _evaluation_devices(d: Draft) -> float:
+    """Devices of the evaluation Jobs running (a CPU Job counting as one)."""
+    if d.status.evaluation is None or d.spec.eval is None:
+        return 0.0
+    return float(len(d.status.evaluation.running) * max(evaluation.eval_gpus(d.run), 1))
 
 
 def _finish(d: Draft, phase: str, reason: str, message: str) -> None:
@@ -429,6 +560,7 @@ def _set_phase(d: Draft) -> None:
     unschedulable = _unschedulable(d)
     previous_phase = status.phase
     status.nodes = NodeCounts(desired=d.desired_count, ready=len(running), display=f"{len(running)}/{d.desired_count}")
+    status.layout = parallel_layout(spec, len(running))
     if d.terminal:
         pass  # _finish wrote phase and message
     elif spec.suspend:
@@ -454,6 +586,21 @@ def _set_phase(d: Draft) -> None:
         d.event("Normal", status.phase, status.message)
     if not d.terminal and not d.waiting and live and len(live) > len(running):
         d.out.requeue_after = min(d.out.requeue_after or PENDING_RECHECK_S, PENDING_RECHECK_S)
+
+
+def parallel_layout(spec: BloomRunSpec, running: int) -> Layout:
+    """The tensor x pipeline x data-parallel layout of the world `running` workers form.
+
+    Each worker is a node of max(gpusPerNode, 1) ranks (gpusPerNode 0: one CPU process per
+    node); torchrun's elastic rendezvous forms the world from whatever workers run, once
+    nodes.min of them do, so the data-parallel degree is world / (tensor x pipeline), exactly
+    the trainer's (bloomrun.trainer.parallel.data_parallel): validation refuses a node range
+    with a count that holds no whole number of replicas (spec.world_size_refusals), so the
+    division is exact. Below nodes.min no world has formed: data is 0."""
+    tensor, pipeline = spec.parallel.tensor, spec.parallel.pipeline
+    world = running * max(spec.gpus_per_node, 1) if running >= spec.nodes.min else 0
+    data = world // (tensor * pipeline)
+    return Layout(tensor=tensor, pipeline=pipeline, data=data, display=f"{tensor}x{pipeline}x{data}")
 
 
 def _phase_reason(d: Draft) -> str:
@@ -500,7 +647,7 @@ def _reason_of(status: BloomRunStatus, phase: str | None) -> str:
 
 def _material_change(before: dict, after: dict, now: datetime, old: BloomRunStatus) -> bool:
     """Whether the status must be written: anything but the GPU-hour clock moved, or a minute passed."""
-    strip = lambda s: {k: v for k, v in s.items() if k not in ("gpu_hours", "progress")}  # noqa: E731
+    strip = lambda s: {k: v for k, v in s.items() if k not in ("gpu_hours", "goodput", "progress")}  # noqa: E731
     if strip(before) != strip(after):
         return True
     since = parse_time(old.gpu_hours.accounted_at)

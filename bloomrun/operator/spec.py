@@ -32,7 +32,9 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
-from bloomrun.trainer.config import PRESETS, CheckpointConfig, Section, TrainerConfig, format_validation_error
+from bloomrun.trainer.config import (PRESETS, CheckpointConfig, EvalConfig, Section, TrainerConfig,
+                                     format_validation_error)
+from bloomrun.trainer.config import MAX_STEPS
 
 GROUP = "bloomrun.io"
 VERSION = "v1alpha1"
@@ -141,8 +143,11 @@ class Cel:
     """
 
     @staticmethod
-    def rules(*rules: tuple[str, str]) -> dict:
-        return {"x-kubernetes-validations": [{"rule": r, "message": m} for r, m in rules]}
+    def rules(*rules: tuple[str, ...]) -> dict:
+        """Each (rule, message), or (rule, message, messageExpression): a message the API
+        server computes, to name the values at fault (the static message is its fallback)."""
+        keys = ("rule", "message", "messageExpression")
+        return {"x-kubernetes-validations": [dict(zip(keys, rule)) for rule in rules]}
 
 
 # --------------------------------------------------------------------- cluster fields
@@ -203,6 +208,128 @@ class Toleration(Section):
         return self
 
 
+# ------------------------------------------------------------------------- affinity
+#
+# Kubernetes' Affinity as typed models (k8s.io/api/core/v1), not an opaque object: the API
+# server's CEL can read a typed field (not one under x-kubernetes-preserve-unknown-fields),
+# so cross-namespace terms and the denied node label keys (bloomrun.operator.admission) are
+# refused where the run is created, and every list is bounded, so an affinity cannot grow
+# each of a run's pods without limit (issue 20: etcd). The bounds are far above real use.
+MAX_TERMS = 8
+MAX_REQUIREMENTS = 16
+MAX_VALUES = 32
+
+REQUIREMENT_VALUES_MESSAGE = ("operators In and NotIn need values, Exists and DoesNotExist take none, "
+                              "Gt and Lt take one integer")
+REQUIREMENT_VALUES_RULE = (
+    "self.operator in ['In', 'NotIn'] ? has(self.values) && size(self.values) > 0"
+    " : self.operator in ['Exists', 'DoesNotExist'] ? !has(self.values) || size(self.values) == 0"
+    " : has(self.values) && size(self.values) == 1 && self.values[0].matches('^[-+]?[0-9]{1,18}$')"
+)
+
+
+def _requirement_values_fit(operator: str, values: list[str] | None) -> bool:
+    if operator in ("In", "NotIn"):
+        return bool(values)
+    if operator in ("Exists", "DoesNotExist"):
+        return not values
+    return values is not None and len(values) == 1 and re.fullmatch(r"[-+]?[0-9]{1,18}", values[0]) is not None
+
+
+class NodeSelectorRequirement(Section):
+    """A node label (or field) and the values it may or may not have."""
+
+    model_config = ConfigDict(json_schema_extra=Cel.rules((REQUIREMENT_VALUES_RULE, REQUIREMENT_VALUES_MESSAGE)))
+
+    key: QualifiedName
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist", "Gt", "Lt"]
+    values: list[Annotated[str, Field(max_length=63)]] | None = Field(default=None, max_length=MAX_VALUES)
+
+    @model_validator(mode="after")
+    def _check_values(self) -> "NodeSelectorRequirement":
+        if not _requirement_values_fit(self.operator, self.values):
+            raise ValueError(REQUIREMENT_VALUES_MESSAGE)
+        return self
+
+
+class LabelSelectorRequirement(NodeSelectorRequirement):
+    """A pod label and the values it may or may not have (no Gt/Lt for pods)."""
+
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist"]
+
+
+class NodeSelectorTerm(Section):
+    match_expressions: list[NodeSelectorRequirement] | None = Field(default=None, max_length=MAX_REQUIREMENTS)
+    match_fields: list[NodeSelectorRequirement] | None = Field(default=None, max_length=MAX_REQUIREMENTS)
+
+
+class NodeSelector(Section):
+    node_selector_terms: list[NodeSelectorTerm] = Field(min_length=1, max_length=MAX_TERMS)
+
+
+class PreferredSchedulingTerm(Section):
+    weight: int = Field(ge=1, le=100)
+    preference: NodeSelectorTerm
+
+
+class NodeAffinity(Section):
+    required_during_scheduling_ignored_during_execution: NodeSelector | None = None
+    preferred_during_scheduling_ignored_during_execution: list[PreferredSchedulingTerm] | None = Field(
+        default=None, max_length=MAX_TERMS)
+
+
+class LabelSelector(Section):
+    match_labels: Annotated[dict[QualifiedName, LabelValue], Field(max_length=MAX_REQUIREMENTS)] | None = Field(
+        default=None, json_schema_extra=keys_rule("matchLabels"))
+    match_expressions: list[LabelSelectorRequirement] | None = Field(default=None, max_length=MAX_REQUIREMENTS)
+
+
+CROSS_NAMESPACE_MESSAGE = ("namespaces and namespaceSelector are refused: a run's pods are placed relative to "
+                           "pods of its own namespace only")
+
+
+class PodAffinityTerm(Section):
+    """Pods (of the run's own namespace) to be near, or away from, within a topology."""
+
+    model_config = ConfigDict(json_schema_extra=Cel.rules(
+        ("!has(self.namespaces) && !has(self.namespaceSelector)", CROSS_NAMESPACE_MESSAGE)))
+
+    label_selector: LabelSelector | None = None
+    topology_key: QualifiedName
+    namespaces: list[Annotated[str, Field(max_length=63)]] | None = Field(default=None, max_length=1)
+    """Refused: it would place the run relative to another tenant's pods (and reveal them)."""
+    namespace_selector: LabelSelector | None = None
+    """Refused, like namespaces."""
+    match_label_keys: list[QualifiedName] | None = Field(default=None, max_length=MAX_REQUIREMENTS)
+    mismatch_label_keys: list[QualifiedName] | None = Field(default=None, max_length=MAX_REQUIREMENTS)
+
+    @model_validator(mode="after")
+    def _own_namespace(self) -> "PodAffinityTerm":
+        if self.namespaces is not None or self.namespace_selector is not None:
+            raise ValueError(CROSS_NAMESPACE_MESSAGE)
+        return self
+
+
+class WeightedPodAffinityTerm(Section):
+    weight: int = Field(ge=1, le=100)
+    pod_affinity_term: PodAffinityTerm
+
+
+class PodAffinity(Section):
+    required_during_scheduling_ignored_during_execution: list[PodAffinityTerm] | None = Field(
+        default=None, max_length=MAX_TERMS)
+    preferred_during_scheduling_ignored_during_execution: list[WeightedPodAffinityTerm] | None = Field(
+        default=None, max_length=MAX_TERMS)
+
+
+class Affinity(Section):
+    """A Kubernetes Pod affinity (the pod's spec.affinity), copied into each worker pod."""
+
+    node_affinity: NodeAffinity | None = None
+    pod_affinity: PodAffinity | None = None
+    pod_anti_affinity: PodAffinity | None = None
+
+
 class Pool(Section):
     """Where the workers may run: a GPU node pool."""
 
@@ -210,11 +337,12 @@ class Pool(Section):
     """Node labels a worker's node must carry (e.g. nvidia.com/gpu.product)."""
     tolerations: list[Toleration] = Field(default=[], max_length=32)
     """Taints the workers tolerate; the nvidia.com/gpu taint is tolerated automatically."""
-    affinity: dict[str, Any] | None = Field(
-        default=None,
-        json_schema_extra={"type": "object", "x-kubernetes-preserve-unknown-fields": True},
-    )
-    """A Kubernetes Pod affinity, passed through unchanged."""
+    affinity: Affinity | None = None
+    """A Kubernetes Pod affinity (node, pod and anti-affinity terms), copied into each worker."""
+
+    def manifest_affinity(self) -> dict | None:
+        """The affinity as the pod spec has it (only what the manifest gave)."""
+        return self.affinity.model_dump(by_alias=True, exclude_none=True) if self.affinity else None
 
 
 class ResourceRequirements(Section):
@@ -268,8 +396,9 @@ class RunCheckpointConfig(CheckpointConfig):
 
 class CheckpointVolume(Section):
     claim_name: DnsSubdomain | None = None
-    """PersistentVolumeClaim holding checkpoints (ReadWriteMany across nodes); without one
-    checkpoints live in an emptyDir and do not survive a pod's replacement."""
+    """PersistentVolumeClaim holding checkpoints (ReadWriteMany across nodes); required when
+    nodes.max > 1. Without one (a one-node run) checkpoints live in an emptyDir and do not
+    survive a pod's replacement."""
     mount_path: str = Field(default=DEFAULT_CHECKPOINT_MOUNT, pattern=r"^/[^:]*$", max_length=255)
     """Where the volume is mounted; the operator sets the trainer's checkpoint.dir to it."""
 
@@ -281,6 +410,16 @@ class DataVolume(Section):
     """Where it is mounted (read-only); in a pod, relative data paths are relative to it."""
 
 
+class HangPolicy(Section):
+    max_restarts: int = Field(default=5, ge=0, le=10_000)
+    """Replacements of pods whose rank hung (reason Hung, the trainer's watchdog) before the
+    run is marked Failed; they count toward maxRestarts as well."""
+    backoff_seconds: int = Field(default=60, ge=0, le=3600)
+    """Wait before replacing a pod whose rank hung; doubles with each further hang (capped at
+    10 min): a hung GPU or link often needs its node drained, and the scheduler may otherwise
+    put the replacement straight back on it."""
+
+
 class RestartPolicy(Section):
     max_restarts: int = Field(default=10, ge=0, le=10_000)
     """Worker replacements allowed before the run is marked Failed."""
@@ -290,11 +429,55 @@ class RestartPolicy(Section):
         default=DEFAULT_RETRYABLE_EXIT_CODES, max_length=255
     )
     """Exit codes that restart the worker; any other non-zero code fails the run."""
+    hang: HangPolicy = HangPolicy()
+    """Restarts after a hang, which the trainer's watchdog detects (docs/trainer.md)."""
 
 
 class Budget(Section):
     gpu_hours: float | None = Field(default=None, gt=0, le=1e9)
     """GPU-hours (nodes x GPUs x running time) after which the run checkpoints and stops."""
+
+
+class RunEvalConfig(EvalConfig):
+    """The trainer's eval section as a BloomRun has it: what to score, plus where the
+    operator's evaluation Jobs run (one Job per checkpoint scored; docs/eval.md)."""
+
+    model_config = ConfigDict(
+        json_schema_extra=Cel.rules(
+            ("!has(self.taskDataClaimName) || (has(self.taskDataDir) && self.taskDataDir.startsWith('/'))",
+             "eval.taskDataClaimName needs eval.taskDataDir, an absolute path: where the claim is mounted"),
+        )
+    )
+
+    pool: Pool | None = None
+    """Node pool of the evaluation Jobs; unset: the run's own pool."""
+    gpus: int | None = Field(default=None, ge=0, le=16)
+    """GPUs per evaluation Job; unset: 1 when the run's workers have GPUs, else 0 (CPU)."""
+    resources: ResourceRequirements = ResourceRequirements()
+    """CPU and memory of each evaluation Job (GPUs come from gpus)."""
+    max_concurrent: int = Field(default=1, ge=1, le=64)
+    """Evaluation Jobs of this run running at once; further due checkpoints wait in a queue."""
+    backoff_limit: int = Field(default=2, ge=0, le=20)
+    """Retries of a crashed evaluation pod (the Job's backoffLimit); a clear error (exit code
+    2: missing checkpoint, unstaged task data) is not retried."""
+    priority_class_name: DnsSubdomain | None = None
+    """PriorityClass of the evaluation pods: a lower one than the workers' keeps evaluation on
+    a shared pool from taking a GPU a replacement worker needs."""
+    task_data_claim_name: DnsSubdomain | None = None
+    """PersistentVolumeClaim holding the staged task data, mounted read-only at taskDataDir;
+    unset: taskDataDir is a path on the data volume (relative to its mountPath) or in the image."""
+
+    @model_validator(mode="after")
+    def _check_task_data_claim(self) -> "RunEvalConfig":
+        if self.task_data_claim_name and not (self.task_data_dir or "").startswith("/"):
+            raise ValueError("eval.taskDataClaimName needs eval.taskDataDir, an absolute path: where the claim "
+                             "is mounted")
+        return self
+
+    def trainer_section(self) -> EvalConfig:
+        """The trainer's eval section (what bloomctl eval reads), without the cluster's fields."""
+        fields = {name: getattr(self, name) for name in EvalConfig.model_fields}
+        return EvalConfig.model_construct(_fields_set=self.model_fields_set & set(fields), **fields)
 
 
 ENV_NAME_RULE = (
@@ -321,6 +504,65 @@ class EnvVar(Section):
         return name
 
 
+# --------------------------------------------------------------------- parallel layout
+
+def layout_refusal(tensor: int, pipeline: int, gpus_per_node: int, nodes_min: int, nodes_max: int) -> str | None:
+    """Why a (tensor x pipeline) layout cannot be placed on these nodes, or None.
+
+    A tensor group exchanges activations twice per layer, so its ranks are one node's
+    processes (torchrun local ranks: the operator gives consecutive ranks to a node); a
+    pipeline replica (tensor x pipeline ranks) fills whole nodes or a whole share of one, and
+    elastic scaling adds or removes whole replicas, so both ends of the node range hold whole
+    replicas (BLOOM-176B: 4 x 12 = 48 ranks = 6 nodes of 8, 48 nodes = 8 replicas)."""
+    per_node = max(gpus_per_node, 1)  # gpusPerNode 0: one CPU process per node
+    if tensor > 1 and (tensor > per_node or per_node % tensor):
+        return (f"parallel.tensor ({tensor}) must not exceed gpusPerNode ({gpus_per_node}) and must divide it: "
+                "a tensor group's ranks stay on one node")
+    replica = tensor * pipeline
+    if replica <= per_node:
+        if per_node % replica:
+            return (f"parallel.tensor x parallel.pipeline ({replica}) must divide gpusPerNode ({gpus_per_node}) "
+                    "or be a multiple of it: a node holds whole pipelines")
+        return None
+    if replica % per_node:
+        return (f"parallel.tensor x parallel.pipeline ({replica}) must be a multiple of gpusPerNode "
+                f"({gpus_per_node}) or divide it: a pipeline takes whole nodes")
+    span = replica // per_node
+    if nodes_min % span or nodes_max % span:
+        return (f"nodes.min ({nodes_min}) and nodes.max ({nodes_max}) must be multiples of {span}, the nodes one "
+                f"pipeline replica takes ({tensor} x {pipeline} ranks on {gpus_per_node} per node): scaling adds or "
+                "removes whole replicas")
+    return None
+
+
+def _model_value(camel: str, attr: str) -> str:
+    """CEL: spec.model's field if given, else its preset's (ModelConfig.shape's rule)."""
+    table = ", ".join(f"'{name}': {getattr(shape, attr)}" for name, shape in PRESETS.items())
+    return f"(has(self.model.{camel}) ? self.model.{camel} : {{{table}}}[self.model.preset])"
+
+
+_TENSOR, _PIPELINE = "self.parallel.tensor", "self.parallel.pipeline"
+_PER_NODE = "(self.gpusPerNode == 0 ? 1 : self.gpusPerNode)"
+_REPLICA = f"({_TENSOR} * {_PIPELINE})"
+# The CEL twins of config.check_parallel and layout_refusal, in the same order.
+PARALLEL_RULES = (
+    (f"!has(self.parallel) || {_model_value('numHeads', 'num_heads')} % {_TENSOR} == 0",
+     "parallel.tensor must divide model.numHeads (and so hiddenSize): each tensor rank computes whole heads"),
+    (f"!has(self.parallel) || {_PIPELINE} == 1 || ({_model_value('numLayers', 'num_layers')} + 2) % {_PIPELINE} == 0",
+     "parallel.pipeline must divide model.numLayers + 2: the embedding and the head take one layer's slot each"),
+    (f"!has(self.parallel) || {_PIPELINE} == 1 || self.training.zeroStage <= 1",
+     "training.zeroStage 2 and 3 do not compose with parallel.pipeline: use ZeRO 0 or 1 (stage 2 would "
+     "reduce-scatter the gradients after every micro-batch, stage 3 gather each stage's weights for every micro-batch)"),
+    (f"!has(self.parallel) || {_TENSOR} == 1 || ({_TENSOR} <= {_PER_NODE} && {_PER_NODE} % {_TENSOR} == 0)",
+     "parallel.tensor must not exceed gpusPerNode and must divide it: a tensor group's ranks stay on one node"),
+    (f"!has(self.parallel) || ({_REPLICA} <= {_PER_NODE} ? {_PER_NODE} % {_REPLICA} == 0"
+     f" : {_REPLICA} % {_PER_NODE} == 0 && self.nodes.min % ({_REPLICA} / {_PER_NODE}) == 0"
+     f" && self.nodes.max % ({_REPLICA} / {_PER_NODE}) == 0)",
+     "parallel.tensor x parallel.pipeline must divide gpusPerNode, or be a multiple of it with nodes.min and "
+     "nodes.max multiples of the nodes one pipeline replica takes: scaling adds or removes whole replicas"),
+)
+
+
 _SEQ = ("(has(self.model.seqLength) ? self.model.seqLength : {"
         + ", ".join(f"'{name}': {shape.seq_length}" for name, shape in PRESETS.items()) + "}[self.model.preset])")
 _STEP_TOKENS = f"(self.training.globalBatchSize * {_SEQ})"
@@ -338,20 +580,240 @@ RAMPUP_RULE = (
 )
 
 
+# --------------------------------------------------------------- world sizes x ramp-up
+
+# torchrun's elastic rendezvous forms the group with whatever workers are there: any count in
+# nodes.min..nodes.max (after a node loss the survivors re-form at once, before the operator
+# could act), and neither torchrun nor the operator can hold out for a count that suits the
+# batch. The trainer splits every step's global batch evenly, each rank the same whole number
+# of micro-batches (bloomrun.trainer.schedule.check_divisible), and raises otherwise. So a
+# BloomRun is refused unless every world size its range allows divides every global batch its
+# ramp-up goes through (docs/operator.md, "Elastic sizes and the batch").
+#
+# The CEL twin loops over at most MAX_NODE_COUNTS offsets from nodes.min (an unbounded
+# `lists.range` is over the API server's cost budget), and a wider range is refused on both
+# sides. Nothing exact is lost: each j <= k divides one of any k consecutive node counts, so
+# a range of k counts needs lcm(1..k) to divide batch / (micro-batch x GPUs), and lcm(1..19)
+# already exceeds MAX_GLOBAL_BATCH: no batch divides over more than 18 consecutive counts.
+MAX_NODE_COUNTS = 64
+
+
+def ramp_batches(training) -> tuple[int, ...]:
+    """The global batches a run may step with, as a rule rather than a list: the ramp-up's
+    first stage and its increment (every stage start + k x increment is a multiple of m
+    exactly when both are, the ramp having at least two stages), and globalBatchSize. A
+    stage that a short ramp steps over still counts: the rule is the stages, not the steps."""
+    ramp, target = training.rampup, training.global_batch_size
+    if ramp is None or ramp.start >= target:
+        return (target,)
+    return (ramp.start, ramp.increment, target)
+
+
+def _stages_not_multiple(training, multiple: int, limit: int = 3) -> list[int]:
+    """The first `limit` ramp stages (or globalBatchSize) that are not multiples of `multiple`.
+    When the increment is not a multiple, one of any two consecutive stages is not either,
+    so the scan ends within 2 x limit stages."""
+    ramp, target = training.rampup, training.global_batch_size
+    stages = range(ramp.start, target + 1, ramp.increment) if ramp and ramp.start < target else (target,)
+    bad: list[int] = []
+    for batch in stages:
+        if batch % multiple:
+            bad.append(batch)
+            if len(bad) == limit:
+                break
+    return bad
+
+
+def world_size_refusals(spec: "BloomRunSpec") -> list[str]:
+    """Each node count of the spec's range that some global batch does not divide over,
+    with the ranks it has and the batches it cannot split. The batch is split over the
+    data-parallel ranks: world / (tensor x pipeline), so a count must also hold whole
+    model-parallel replicas (bloomrun.trainer.parallel.data_parallel raises otherwise)."""
+    training, per_node = spec.training, max(spec.gpus_per_node, 1)
+    replica = spec.parallel.tensor * spec.parallel.pipeline
+    refusals = []
+    for nodes in range(spec.nodes.min, spec.nodes.max + 1):
+        ranks = nodes * per_node
+        counted = f"{nodes} node{'s' * (nodes > 1)} = {ranks} ranks"
+        if ranks % replica:
+            refusals.append(f"{counted} hold no whole number of tensor x pipeline replicas ({replica} ranks)")
+            continue
+        data_ranks = ranks // replica
+        multiple = data_ranks * training.micro_batch_size
+        if all(batch % multiple == 0 for batch in ramp_batches(training)):
+            continue
+        bad = _stages_not_multiple(training, multiple)
+        data = f" ({data_ranks} data-parallel)" if replica > 1 else ""
+        refusals.append(f"{counted}{data} need multiples of {multiple}, not {', '.join(map(str, bad))}")
+    return refusals
+
+
+_OFFSETS = "[" + ", ".join(map(str, range(MAX_NODE_COUNTS))) + "]"
+_RANKS = "((self.gpusPerNode == 0 ? 1 : self.gpusPerNode) * (self.nodes.min + i))"
+_REPLICA_RANKS = "(has(self.parallel) ? self.parallel.tensor * self.parallel.pipeline : 1)"
+_MULTIPLE = f"(self.training.microBatchSize * ({_RANKS} / {_REPLICA_RANKS}))"
+_SIZE_FITS = (
+    f"self.nodes.min + i > self.nodes.max || ({_RANKS} % {_REPLICA_RANKS} == 0"
+    f" && self.training.globalBatchSize % {_MULTIPLE} == 0"
+    " && (!has(self.training.rampup) || self.training.rampup.start >= self.training.globalBatchSize"
+    f" || (self.training.rampup.start % {_MULTIPLE} == 0 && self.training.rampup.increment % {_MULTIPLE} == 0)))"
+)
+NODE_SPAN_RULE = f"self.nodes.max - self.nodes.min < {MAX_NODE_COUNTS}"
+WORLD_SIZE_RULE = f"!({NODE_SPAN_RULE}) || {_OFFSETS}.all(i, {_SIZE_FITS})"
+WORLD_SIZE_MESSAGE = ("every world size of nodes.min..nodes.max x gpusPerNode must split each global batch of the "
+                      "run (rampup.start, start + increment, ..., training.globalBatchSize) into whole micro-batches "
+                      "(training.microBatchSize) per data-parallel rank (world / (parallel.tensor x pipeline))")
+
+
+# --------------------------------------------------------------- what pods carry
+
+# Each worker pod carries the run's env and pool (node selector, tolerations, affinity), and
+# a run has up to nodes.max of them: one manifest could put ~1.25 GiB into etcd that way
+# (issue 20: 64 env values of 32 KiB in 1,024 pods). One limit on the text those fields hold,
+# counted the same way here and in CEL: every string a user writes there (names and values,
+# keys and values of maps, selector keys, values and topology keys), in characters.
+POD_TEXT_MAX_CHARS = 32 * 1024
+POD_TEXT_MESSAGE = (f"spec.env and spec.pool together hold at most {POD_TEXT_MAX_CHARS} characters of names and "
+                    "values: each is copied into every worker pod")
+
+
+def _requirements_chars(requirements) -> int:
+    return sum(len(r.key) + sum(map(len, r.values or ())) for r in requirements or ())
+
+
+def _labels_chars(labels) -> int:
+    return sum(len(k) + len(v) for k, v in (labels or {}).items())
+
+
+def _node_term_chars(term: NodeSelectorTerm) -> int:
+    return _requirements_chars(term.match_expressions) + _requirements_chars(term.match_fields)
+
+
+def _pod_term_chars(term: PodAffinityTerm) -> int:
+    selector = term.label_selector
+    return (len(term.topology_key)
+            + (_labels_chars(selector.match_labels) + _requirements_chars(selector.match_expressions) if selector else 0)
+            + sum(map(len, term.match_label_keys or ())) + sum(map(len, term.mismatch_label_keys or ())))
+
+
+def _pod_affinity_chars(affinity: PodAffinity | None) -> int:
+    if affinity is None:
+        return 0
+    return (sum(map(_pod_term_chars, affinity.required_during_scheduling_ignored_during_execution or ()))
+            + sum(_pod_term_chars(w.pod_affinity_term)
+                  for w in affinity.preferred_during_scheduling_ignored_during_execution or ()))
+
+
+def pod_text_chars(env: list, pool: Pool) -> int:
+    """Characters of user text each worker pod carries (POD_TEXT_CHARS_CEL is its twin)."""
+    total = sum(len(e.name) + len(e.value) for e in env)
+    total += _labels_chars(pool.node_selector) + sum(len(t.key or "") + len(t.value or "") for t in pool.tolerations)
+    affinity = pool.affinity
+    if affinity is not None:
+        node = affinity.node_affinity
+        if node is not None:
+            required = node.required_during_scheduling_ignored_during_execution
+            total += sum(map(_node_term_chars, required.node_selector_terms)) if required else 0
+            total += sum(_node_term_chars(w.preference)
+                         for w in node.preferred_during_scheduling_ignored_during_execution or ())
+        total += _pod_affinity_chars(affinity.pod_affinity) + _pod_affinity_chars(affinity.pod_anti_affinity)
+    return total
+
+
+def _cel_opt(field: str, expression: str) -> str:
+    """CEL: `expression` when the optional `field` (a selection such as x.y) is set, else 0."""
+    return f"(has({field}) ? {expression} : 0)"
+
+
+def _cel_requirements(path: str, var: str) -> str:
+    values = _cel_opt(f"{var}.values", f"{var}.values.map(v, v.size()).sum()")
+    return _cel_opt(path, f"{path}.map({var}, {var}.key.size() + {values}).sum()")
+
+
+def _cel_labels(path: str) -> str:
+    return _cel_opt(path, f"{path}.map(k, k.size() + {path}[k].size()).sum()")
+
+
+def _cel_node_term(term: str) -> str:
+    return (_cel_requirements(term + ".matchExpressions", "r") + " + "
+            + _cel_requirements(term + ".matchFields", "f"))
+
+
+def _cel_pod_term(term: str) -> str:
+    selector = term + ".labelSelector"
+    selector_chars = (_cel_labels(selector + ".matchLabels") + " + "
+                      + _cel_requirements(selector + ".matchExpressions", "r"))
+    keys = [_cel_opt(f"{term}.{name}", f"{term}.{name}.map(k, k.size()).sum()")
+            for name in ("matchLabelKeys", "mismatchLabelKeys")]
+    return " + ".join([f"{term}.topologyKey.size()", _cel_opt(selector, selector_chars), *keys])
+
+
+def _cel_terms(path: str, var: str, term_chars: str) -> str:
+    """CEL: the sum of `term_chars` (over `var`) across the optional list at `path`."""
+    return _cel_opt(path, f"{path}.map({var}, {term_chars}).sum()")
+
+
+def _cel_pod_affinity(path: str) -> str:
+    required = _cel_terms(path + ".requiredDuringSchedulingIgnoredDuringExecution", "t", _cel_pod_term("t"))
+    preferred = _cel_terms(path + ".preferredDuringSchedulingIgnoredDuringExecution", "w",
+                           _cel_pod_term("w.podAffinityTerm"))
+    return _cel_opt(path, f"{required} + {preferred}")
+
+
+def _cel_pod_text_chars() -> str:
+    node = "self.pool.affinity.nodeAffinity"
+    required = node + ".requiredDuringSchedulingIgnoredDuringExecution"
+    node_chars = " + ".join([
+        _cel_opt(required, _cel_terms(required + ".nodeSelectorTerms", "t", _cel_node_term("t"))),
+        _cel_terms(node + ".preferredDuringSchedulingIgnoredDuringExecution", "w", _cel_node_term("w.preference")),
+    ])
+    affinity = " + ".join([_cel_opt(node, node_chars), _cel_pod_affinity("self.pool.affinity.podAffinity"),
+                           _cel_pod_affinity("self.pool.affinity.podAntiAffinity")])
+    toleration = f"{_cel_opt('t.key', 't.key.size()')} + {_cel_opt('t.value', 't.value.size()')}"
+    pool = " + ".join([_cel_labels("self.pool.nodeSelector"), _cel_terms("self.pool.tolerations", "t", toleration),
+                       _cel_opt("self.pool.affinity", affinity)])
+    env = _cel_terms("self.env", "e", f"e.name.size() + {_cel_opt('e.value', 'e.value.size()')}")
+    return f"{env} + {_cel_opt('self.pool', pool)}"
+
+
+POD_TEXT_CHARS_CEL = _cel_pod_text_chars()
+POD_TEXT_RULE = f"{POD_TEXT_CHARS_CEL} <= {POD_TEXT_MAX_CHARS}"
+
+# Without a claim each worker's checkpoints live in its own emptyDir: a checkpoint lands on
+# the nodes that write it (rank 0's alone when consolidated), so after a restart the nodes
+# hold different checkpoints, or none, and cannot resume together (issue 19). One node has
+# no such split, so a one-node run may keep the emptyDir.
+SHARED_CHECKPOINT_RULE = "self.nodes.max == 1 || (has(self.checkpointVolume) && has(self.checkpointVolume.claimName))"
+SHARED_CHECKPOINT_MESSAGE = ("checkpointVolume.claimName is required when nodes.max > 1: without a claim each "
+                             "node's checkpoints live in its own emptyDir, which the other nodes cannot read, so "
+                             "a restarted group cannot resume from one checkpoint (a ReadWriteMany claim shared "
+                             "by the workers)")
+
+
 class BloomRunSpec(TrainerConfig):
     """A training run: the trainer's config sections plus where and how to run it."""
 
     model_config = ConfigDict(
         json_schema_extra=Cel.rules(
+            *PARALLEL_RULES,
             (WARMUP_RULE, "optim.warmupTokens must not be longer than the run (training.trainTokens, or "
                           "trainSteps x globalBatchSize x model.seqLength)"),
             (RAMPUP_RULE, "training.rampup.samples must not be longer than the run (training.trainTokens / "
                           "model.seqLength, or trainSteps x globalBatchSize samples)"),
+            (NODE_SPAN_RULE, f"nodes.min..nodes.max spans at most {MAX_NODE_COUNTS} node counts"),
+            # A messageExpression naming the counts (a filter, map and join over the offsets) is
+            # estimated at over 100x the API server's budget: the message names the fields, and
+            # bloomctl validate names the counts and batches.
+            (WORLD_SIZE_RULE, WORLD_SIZE_MESSAGE),
+            (POD_TEXT_RULE, POD_TEXT_MESSAGE),
+            (SHARED_CHECKPOINT_RULE, SHARED_CHECKPOINT_MESSAGE),
         )
     )
 
     checkpoint: RunCheckpointConfig = RunCheckpointConfig()
     """Checkpoint cadence and retention (where checkpoints go is the launcher's choice)."""
+    eval: RunEvalConfig | None = None
+    """Zero-shot evaluation of the checkpoints, one Kubernetes Job per checkpoint scored (optional)."""
 
     image: str | None = Field(default=None, min_length=1, max_length=512)
     """Trainer container image; unset: the operator's default (the chart's trainerImage,
@@ -423,12 +885,48 @@ class BloomRunSpec(TrainerConfig):
                              f"({run_samples} samples; {run})")
         return self
 
+    @model_validator(mode="after")
+    def _check_layout(self) -> "BloomRunSpec":
+        refusal = layout_refusal(self.parallel.tensor, self.parallel.pipeline, self.gpus_per_node,
+                                 self.nodes.min, self.nodes.max)
+        if refusal:
+            raise ValueError(refusal)
+        return self
+
+    @model_validator(mode="after")
+    def _check_pod_text(self) -> "BloomRunSpec":
+        chars = pod_text_chars(self.env, self.pool)
+        if chars > POD_TEXT_MAX_CHARS:
+            raise ValueError(f"{POD_TEXT_MESSAGE}; this run has {chars}")
+        return self
+
+    @model_validator(mode="after")
+    def _check_shared_checkpoints(self) -> "BloomRunSpec":
+        if self.nodes.max > 1 and self.checkpoint_volume.claim_name is None:
+            raise ValueError(f"{SHARED_CHECKPOINT_MESSAGE}; nodes.max is {self.nodes.max}")
+        return self
+
+    @model_validator(mode="after")
+    def _check_world_sizes(self) -> "BloomRunSpec":
+        nodes = self.nodes
+        if nodes.max - nodes.min >= MAX_NODE_COUNTS:
+            raise ValueError(f"nodes.min..nodes.max ({nodes.min}..{nodes.max}) spans {nodes.max - nodes.min + 1} "
+                             f"node counts, at most {MAX_NODE_COUNTS} are allowed (and no global batch divides "
+                             "over more than 18)")
+        refusals = world_size_refusals(self)
+        if refusals:
+            shown = "; ".join(refusals[:4]) + ("; ..." if len(refusals) > 4 else "")
+            raise ValueError(f"nodes {nodes.min}-{nodes.max} x {self.gpus_per_node} GPUs, microBatchSize "
+                             f"{self.training.micro_batch_size}: {shown} ({WORLD_SIZE_MESSAGE})")
+        return self
+
     def trainer_config(self) -> TrainerConfig:
         """The trainer's sections of this spec, unresolved (bloomrun.trainer.resolve resolves
         them). Already validated as part of the spec, so only copied."""
         sections = {name: getattr(self, name) for name in TrainerConfig.model_fields}
         sections["checkpoint"] = CheckpointConfig.model_construct(
             _fields_set=self.checkpoint.model_fields_set, **dict(self.checkpoint))
+        sections["eval"] = self.eval.trainer_section() if self.eval else None
         return TrainerConfig.model_construct(_fields_set=self.model_fields_set & set(sections), **sections)
 
 
@@ -454,8 +952,59 @@ class Progress(Status):
     """Step of the newest complete checkpoint."""
     checkpoint_time: str | None = None
     """When that checkpoint was published (RFC 3339)."""
+    checkpoint_tokens: int | None = None
+    """Tokens trained on up to that checkpoint (the operator schedules evaluation by it)."""
     update_time: str | None = None
     """When the trainer last reported."""
+    # Where the trainer's time went (bloomrun.trainer.progress.Timing), for goodput.
+    start_time: str | None = Field(default=None, max_length=64)
+    """When this trainer session (process group) started: a new value is a restart."""
+    resumed_step: int | None = Field(default=None, ge=0, le=MAX_STEPS)
+    """The checkpoint step this session resumed from (0: the start)."""
+    step_seconds: float | None = Field(default=None, ge=0, le=1e12)
+    """Rank 0's wall seconds in training steps since startTime."""
+    checkpoint_seconds: float | None = Field(default=None, ge=0, le=1e12)
+    """Rank 0's wall seconds in checkpoint saves since startTime."""
+
+
+class GoodputSession(Status):
+    """The trainer session last accounted (its totals, to take differences)."""
+
+    start_time: str | None = None
+    resumed_step: int | None = None
+    step: int | None = None
+    step_seconds: float = 0.0
+    checkpoint_seconds: float = 0.0
+    productive: float = 0.0
+    """GPU-hours of its steps, moved to `lost` for the steps a restart redoes."""
+    restarted: bool = False
+    """It follows another session: its time before the first step is restart overhead."""
+
+
+class Goodput(Status):
+    """Where the run's GPU-hours went (bloomrun/operator/goodput.py): workers x GPUs over
+    time as in gpuHours (a CPU worker counting as one), plus the evaluation Jobs."""
+
+    productive: float = 0.0
+    """In training steps that count."""
+    lost: float = 0.0
+    """In steps a restart redid (those after the newest checkpoint)."""
+    restart: float = 0.0
+    """From a failure until the first step again (backoff, replacement, start-up, resume)."""
+    checkpoint: float = 0.0
+    """In checkpoint saves."""
+    evaluation: float = 0.0
+    """Of the evaluation Jobs."""
+    scheduling: float = 0.0
+    """Held by running workers while the run waited for others to be scheduled (Pending)."""
+    other: float = 0.0
+    """The first start-up and what no report explains."""
+    ratio: float | None = None
+    """productive / all of the above."""
+    display: str = ""
+    """The ratio as a percentage, for the printer column."""
+    accounted_at: str | None = None
+    session: GoodputSession = GoodputSession()
 
 
 class Condition(Status):
@@ -472,6 +1021,20 @@ class NodeCounts(Status):
     ready: int = 0
     display: str = "0/0"
     """`ready/desired`, for the printer column."""
+
+
+class Layout(Status):
+    """The parallel layout of the world the running workers form (reconcile.parallel_layout):
+    tensor x pipeline x data-parallel ranks, the data-parallel degree following the elastic
+    node count."""
+
+    tensor: int = 1
+    pipeline: int = 1
+    data: int = 0
+    """Data-parallel replicas: running workers x ranks per node / (tensor x pipeline); 0 while
+    fewer than nodes.min workers run (no world has formed)."""
+    display: str = "1x1x0"
+    """`tensor x pipeline x data`, for the wide printer column."""
 
 
 class GpuHours(Status):
@@ -494,11 +1057,60 @@ class WorkerRef(Status):
     uid: str
 
 
+class EvalFailure(Status):
+    step: int
+    job: str
+    reason: str
+    """The Job's failure reason (BackoffLimitExceeded, PodFailurePolicy, ...) or NoSummary."""
+    message: str = ""
+    """The evaluation pod's termination message: the error it reported, or its log's last lines."""
+    time: str
+
+
+class Evaluation(Status):
+    """Zero-shot evaluation of the run's checkpoints by the operator's Jobs (docs/eval.md)."""
+
+    step: int | None = None
+    """Newest checkpoint step scored."""
+    tokens: int | None = None
+    """Tokens trained on up to that checkpoint."""
+    mean: float | None = None
+    """Mean accuracy over its tasks (for the printer column)."""
+    normalised_mean: float | None = None
+    """Mean of (accuracy - random) / (1 - random) over its tasks."""
+    mean_stderr: float | None = None
+    """Standard error of `mean`, from lm-eval's per-task standard errors (sqrt of their
+    squares' sum / tasks); unset when a task has none or the evaluation image predates it.
+    A study's best arm is judged against it."""
+    tasks: dict[str, float] = {}
+    """Accuracy per task at that step."""
+    task_stderr: dict[str, float] = {}
+    """lm-eval's standard error of each task's accuracy, where the 4 KiB summary had room."""
+    scored: int = 0
+    """Checkpoints scored."""
+    failed: int = 0
+    """Evaluation Jobs that failed for good (training is never affected)."""
+    last_failure: EvalFailure | None = None
+    running: list[int] = []
+    """Steps whose Job exists or is being created, outcome not yet recorded."""
+    queued: list[int] = []
+    """Due steps waiting for a slot (eval.maxConcurrent)."""
+    seen_step: int | None = None
+    """Newest checkpoint step observed in progress."""
+    seen_since_due: int = 0
+    """Checkpoints observed since the last one found due (everyCheckpoints counts them)."""
+    due_tokens: int | None = None
+    """Tokens of the last checkpoint found due (everyTokens compares with it)."""
+    message: str = ""
+    """Why evaluation is off or waiting, when it is."""
+
+
 class BloomRunStatus(Status):
     phase: Phase | None = None
     message: str = ""
     observed_generation: int | None = None
     nodes: NodeCounts = NodeCounts()
+    layout: Layout = Layout()
     restarts: int = 0
     """Worker replacements after failures (never decreases)."""
     restarts_by_reason: dict[str, int] = {}
@@ -513,7 +1125,10 @@ class BloomRunStatus(Status):
     stopping: str | None = None
     """Why the workers are being stopped on purpose (e.g. GPUHourBudgetSpent): not a failure."""
     gpu_hours: GpuHours = GpuHours()
+    goodput: Goodput = Goodput()
     progress: Progress = Progress()
+    evaluation: Evaluation | None = None
+    """Zero-shot evaluation of the checkpoints, when spec.eval is set."""
     conditions: list[Condition] = []
     start_time: str | None = None
     running_time: str | None = None
@@ -723,8 +1338,9 @@ class _ManifestLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-def load_manifest_text(text: str, source: str) -> BloomRun:
-    """Validate the text of a manifest (one YAML document); errors name `source`."""
+def read_document(text: str, source: str) -> Any:
+    """The one YAML document of a manifest's text, read by the manifests' rule (duplicate keys
+    refused, size bounded); errors name `source`. BloomRun and BloomStudy both read this way."""
     if len(text) > MAX_MANIFEST_BYTES:
         raise ManifestError(f"{source}: {len(text)} bytes, larger than the {MAX_MANIFEST_BYTES} "
                             "a Kubernetes object may have")
@@ -739,22 +1355,32 @@ def load_manifest_text(text: str, source: str) -> BloomRun:
         raise ManifestError(f"{source}: invalid YAML: nested too deeply") from None
     if len(documents) != 1:
         raise ManifestError(f"{source}: expected one YAML document, found {len(documents)}")
+    return documents[0]
+
+
+def read_manifest_file(path: str | Path) -> str:
+    """A manifest file's text; a missing, unreadable or oversized file is a ManifestError."""
+    path = Path(path)
     try:
-        return parse_manifest(documents[0])
+        if path.stat().st_size > MAX_MANIFEST_BYTES:
+            raise ManifestError(f"{path}: {path.stat().st_size} bytes, larger than the {MAX_MANIFEST_BYTES} "
+                                "a Kubernetes object may have")
+        return path.read_text()
+    except FileNotFoundError:
+        raise ManifestError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ManifestError(f"{path}: cannot read: {err}") from None
+
+
+def load_manifest_text(text: str, source: str) -> BloomRun:
+    """Validate the text of a manifest (one YAML document); errors name `source`."""
+    document = read_document(text, source)
+    try:
+        return parse_manifest(document)
     except ManifestError as err:
         raise ManifestError(f"{source}: {err}") from None
 
 
 def load_manifest(path: str | Path) -> BloomRun:
     """Read and validate a BloomRun manifest file (one YAML document)."""
-    path = Path(path)
-    try:
-        if path.stat().st_size > MAX_MANIFEST_BYTES:
-            raise ManifestError(f"{path}: {path.stat().st_size} bytes, larger than the {MAX_MANIFEST_BYTES} "
-                                "a Kubernetes object may have")
-        text = path.read_text()
-    except FileNotFoundError:
-        raise ManifestError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise ManifestError(f"{path}: cannot read: {err}") from None
-    return load_manifest_text(text, str(path))
+    return load_manifest_text(read_manifest_file(path), str(path))

@@ -14,10 +14,26 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 VOCAB_PAD_MULTIPLE = 128  # BLOOM pads the vocabulary so the embedding GEMMs tile evenly
+SWIGLU_WIDTH_MULTIPLE = 64  # SwiGLU's inner width rounds to this for GEMM tiling
+
+
+def mlp_width(hidden_size: int, activation: str) -> int:
+    """Inner MLP width F.
+
+    GELU: 4C, as BLOOM. SwiGLU has three C x F matrices instead of two, so F = 2/3 * 4C keeps
+    the parameter count (and FLOPs) matched; rounded to a multiple of 64 for GEMM tiling.
+    """
+    if activation == "gelu":
+        return 4 * hidden_size
+    if activation == "swiglu":
+        rounded = round(8 * hidden_size / 3 / SWIGLU_WIDTH_MULTIPLE) * SWIGLU_WIDTH_MULTIPLE
+        return max(SWIGLU_WIDTH_MULTIPLE, rounded)
+    raise ValueError(f"activation must be gelu or swiglu, got {activation!r}")
+
 
 # Upper bounds where a value has a physical meaning, far above any real run (BLOOM: 366B tokens,
 # batch 2048, ~100k steps) and below 2**53, the largest integer JSON carries exactly (the API
@@ -235,6 +251,61 @@ class TrainingConfig(Section):
         return self
 
 
+# -------------------------------------------------------------------------- parallel
+
+TENSOR_DEGREES = (1, 2, 4, 8, 16)
+
+
+def pipeline_stage_slots(num_layers: int, pipeline: int) -> int:
+    """Layer slots per pipeline stage: BLOOM's rule (Megatron-DeepSpeed's partitioning with
+    the embedding and the head in the pipeline): the embedding and the tied head each count
+    as one layer, so layers + 2 must split evenly (176B: 70 + 2 = 72 over 12 stages)."""
+    slots, rest = divmod(num_layers + 2, pipeline)
+    if rest or slots < 1:
+        raise ValueError(f"parallel.pipeline ({pipeline}) must divide model.numLayers + 2 ({num_layers} + 2): "
+                         "the embedding and the head take one layer's slot each on the first and last stage")
+    return slots
+
+
+class ParallelConfig(Section):
+    """Model parallelism; the data-parallel degree is what is left: world / (tensor x pipeline)."""
+
+    tensor: int = Field(default=1, ge=1, le=16, json_schema_extra={"enum": list(TENSOR_DEGREES)})
+    """Tensor-parallel ranks (1, 2, 4, 8 or 16), each holding numHeads / tensor whole heads and
+    that share of the MLP and the vocabulary; one node's GPUs (BLOOM-176B: 4)."""
+    pipeline: int = Field(default=1, ge=1, le=512)
+    """Pipeline stages, by layer ranges; numLayers + 2 must be a multiple (BLOOM-176B: 12)."""
+
+    @field_validator("tensor")
+    @classmethod
+    def _check_tensor(cls, tensor: int) -> int:
+        # A power of two up to 16: it then divides the padded vocabulary (a multiple of 128) and
+        # the SwiGLU width (a multiple of 64), so only the heads can be left over (checked with
+        # the model in TrainerConfig).
+        if tensor not in TENSOR_DEGREES:
+            raise ValueError(f"must be one of {', '.join(map(str, TENSOR_DEGREES))}, not {tensor}")
+        return tensor
+
+
+def check_parallel(parallel: ParallelConfig, model: ModelConfig, zero_stage: int) -> None:
+    """What a layout needs of the model and of ZeRO; ValueError naming the fields."""
+    shape = model.shape()
+    if shape.num_heads % parallel.tensor:
+        raise ValueError(f"parallel.tensor ({parallel.tensor}) must divide model.numHeads ({shape.num_heads}) "
+                         f"(and so hiddenSize, {shape.hidden_size}): each tensor rank computes whole heads")
+    if parallel.pipeline > 1:
+        pipeline_stage_slots(shape.num_layers, parallel.pipeline)
+        if zero_stage > 1:
+            # ZeRO-2 reduce-scatters the gradients after every micro-batch's backward and ZeRO-3
+            # also gathers every stage's weights for each micro-batch, which the pipeline's
+            # many small micro-batches multiply (DeepSpeed's PipelineEngine refuses both too);
+            # BLOOM trained PP 12 with ZeRO-1.
+            raise ValueError(f"training.zeroStage ({zero_stage}) does not compose with parallel.pipeline "
+                             f"({parallel.pipeline}): use ZeRO 0 or 1 (stage 2 would reduce-scatter the "
+                             "gradients after every micro-batch, stage 3 gather each stage's weights for every "
+                             "micro-batch)")
+
+
 class InitFrom(Section):
     """A warm start: the weights (and optionally AdamW's moments) of another run's checkpoint,
     loaded once, when this run has no checkpoint of its own. Step, data position and the
@@ -267,6 +338,11 @@ class CheckpointConfig(Section):
     """Complete checkpoints kept; older ones are deleted once a newer one is published."""
     init_from: InitFrom | None = None
     """Warm start from another run's checkpoint (a run never resumes another run's by itself)."""
+    format: Literal["consolidated", "sharded"] = "consolidated"
+    """consolidated: full tensors, gathered and written by rank 0. sharded: every rank writes its
+    own shard (torch.distributed.checkpoint), so no rank holds the full state; for runs with
+    parallel.tensor > 1. A parallel.tensor 1 run (DeepSpeed ZeRO, whose flat partitions DCP
+    cannot describe) writes consolidated whatever this says (logged). Every run resumes either."""
 
 
 class MetricsConfig(Section):
@@ -274,6 +350,30 @@ class MetricsConfig(Section):
     """Prometheus port each node's rank-0-local process serves on (0 picks a free port)."""
     log_every: int = Field(default=1, ge=1, le=MAX_STEPS)
     """Steps between log lines."""
+
+
+class WatchdogConfig(Section):
+    """Hang detection (bloomrun/trainer/watchdog.py): a process beside each node's workers
+    ends the worker group when a rank has made no progress for
+    max(stepTimeFactor x the median step time, minTimeoutSeconds), or for phaseTimeoutSeconds
+    in start-up or a checkpoint save or load (which beat only at their start and end)."""
+
+    enabled: bool = True
+    """Watch the ranks of a torchrun worker group (a process without torchrun is not watched)."""
+    step_time_factor: float = Field(default=10.0, ge=2, le=10_000)
+    """k: a rank is hung after k x the median step time without progress (at least the floor)."""
+    min_timeout_seconds: float = Field(default=300.0, ge=1, le=86_400)
+    """The floor of the step timeout, in seconds; NCCL's own collective timeout is 10 minutes."""
+    phase_timeout_seconds: float = Field(default=1800.0, ge=1, le=7 * 86_400)
+    """Start-up (data checks, model build, resume, the first step's compilation), a checkpoint
+    save or load: seconds a rank may spend in one without a heartbeat."""
+
+    @model_validator(mode="after")
+    def _check_phase(self) -> "WatchdogConfig":
+        if self.phase_timeout_seconds < self.min_timeout_seconds:
+            raise ValueError(f"phaseTimeoutSeconds ({self.phase_timeout_seconds:g}) must not be shorter than "
+                             f"minTimeoutSeconds ({self.min_timeout_seconds:g}): a checkpoint takes longer than a step")
+        return self
 
 
 # ------------------------------------------------------------------------ evaluation
@@ -338,10 +438,19 @@ class TrainerConfig(Section):
     data: DataConfig
     optim: OptimConfig = OptimConfig()
     training: TrainingConfig
+    parallel: ParallelConfig = ParallelConfig()
+    """Tensor and pipeline parallelism (data parallel takes the remaining ranks)."""
     checkpoint: CheckpointConfig = CheckpointConfig()
     metrics: MetricsConfig = MetricsConfig()
+    watchdog: WatchdogConfig = WatchdogConfig()
+    """Hang detection of the worker group."""
     eval: EvalConfig | None = None
     """Zero-shot evaluation of the checkpoints (optional)."""
+
+    @model_validator(mode="after")
+    def _check_parallel(self) -> "TrainerConfig":
+        check_parallel(self.parallel, self.model, self.training.zero_stage)
+        return self
 
 
 def format_validation_error(err: ValidationError, prefix: str = "") -> str:

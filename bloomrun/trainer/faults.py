@@ -8,6 +8,8 @@ asked for from the environment, once, and hands them to the Trainer.
                                      step, sample indices, loss, lr, whether the update applied
     BLOOMRUN_TEST_HANG_AFTER_STEP=K  every rank sleeps after step K (and its checkpoint), so a
                                      test can kill the run at a known point
+    BLOOMRUN_TEST_SLOW_SAVE_S=S      rank 0 sleeps S seconds at the start of every checkpoint save,
+                                     as slow storage would (the watchdog must not call it a hang)
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 POISON_ENV = "BLOOMRUN_POISON_SAMPLES"
 TRACE_ENV = "BLOOMRUN_TRACE_FILE"
 HANG_ENV = "BLOOMRUN_TEST_HANG_AFTER_STEP"
+SLOW_SAVE_ENV = "BLOOMRUN_TEST_SLOW_SAVE_S"
 
 
 def parse_poison(value: str | None) -> tuple[int, int] | None:
@@ -39,12 +42,13 @@ class FaultHooks:
     poison: tuple[int, int] | None = None  # [start, end) global sample indices
     trace_file: str | None = None
     hang_after_step: int | None = None
+    slow_save_s: float = 0.0
 
     @classmethod
     def from_env(cls, env=os.environ) -> "FaultHooks":
         hang = env.get(HANG_ENV)
         return cls(poison=parse_poison(env.get(POISON_ENV)), trace_file=env.get(TRACE_ENV) or None,
-                   hang_after_step=int(hang) if hang else None)
+                   hang_after_step=int(hang) if hang else None, slow_save_s=float(env.get(SLOW_SAVE_ENV) or 0))
 
     def poisoned_loss(self, loss: torch.Tensor, samples: list[int]) -> torch.Tensor:
         """The micro-batch's loss; NaN when it holds a poisoned sample."""
@@ -65,3 +69,8 @@ class FaultHooks:
         """Park this rank for an hour after the step the test named."""
         if self.hang_after_step == step:
             time.sleep(3600)
+
+    def slow_save(self, rank: int) -> None:
+        """Rank 0 takes this long more over each save (the others wait in its collectives)."""
+        if self.slow_save_s and rank == 0:
+            time.sleep(self.slow_save_s)

@@ -20,9 +20,10 @@ import math
 import os
 import socket
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client.core import GaugeMetricFamily
 
 # Dense peak FLOP/s of one device by name and precision (vendor datasheets; no sparsity).
 # fp32 on a GPU means TF32 tensor cores, which torch uses for fp32 matmuls when allowed.
@@ -142,6 +143,11 @@ class TrainerMetrics:
         self.skipped_steps.set(skipped_steps)
         self.rollbacks.set(rollbacks)
 
+    def watch_ranks(self, compute_seconds: Callable[[], dict[int, float]]) -> None:
+        """bloomrun_train_rank_compute_seconds for this node's ranks, read at each scrape from
+        their heartbeats (heartbeat.py): the straggler alert compares them across the run."""
+        self.registry.register(_RankCollector(self._gpu_labels, hostname(), compute_seconds))
+
     def gpu_memory(self) -> Gauge:
         # Created on first use so that a CPU run exposes no GPU series at all.
         if self._gpu_memory is None:
@@ -157,6 +163,22 @@ class TrainerMetrics:
         if port_file:
             write_port_file(port_file, chosen)
         return chosen
+
+
+class _RankCollector:
+    """Each local rank's compute time in its last step, before its gradient reduction (which
+    waits for the slowest rank, so the total step time is the same everywhere)."""
+
+    def __init__(self, labels: dict[str, str], host: str, compute_seconds: Callable[[], dict[int, float]]):
+        self.labels, self.host, self.compute_seconds = labels, host, compute_seconds
+
+    def collect(self):
+        family = GaugeMetricFamily("bloomrun_train_rank_compute_seconds",
+                                   "this rank's compute in its last step, before the gradient reduction",
+                                   labels=[*self.labels, "rank", "host"])
+        for rank, seconds in sorted(self.compute_seconds().items()):
+            family.add_metric([*self.labels.values(), str(rank), self.host], seconds)
+        yield family
 
 
 def write_port_file(path: str, port: int) -> None:

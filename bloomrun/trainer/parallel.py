@@ -15,13 +15,15 @@ from __future__ import annotations
 import datetime
 import math
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
-from bloomrun.trainer import elastic
+from bloomrun.trainer import elastic, tensor_parallel
 from bloomrun.trainer.config import TrainerConfig
 
 # ZeRO bucket sizes in elements. DeepSpeed's default (5e8) is sized for multi-GPU NCCL;
@@ -74,17 +76,41 @@ def gradient_accumulation(global_batch: int, micro_batch: int, world_size: int) 
     return global_batch // per_step
 
 
+def data_parallel(cfg: TrainerConfig, world: World) -> tuple[int, int]:
+    """(this rank's data-parallel index, the data-parallel degree): world / (tensor x pipeline)
+    replicas, tensor ranks innermost (tensor_parallel.build_mesh), so the `tensor` consecutive
+    ranks of a group read the same samples."""
+    replicas = data_replicas(world.world_size, cfg.parallel.tensor, cfg.parallel.pipeline)
+    return world.rank // (cfg.parallel.tensor * cfg.parallel.pipeline), replicas
+
+
+def data_replicas(world_size: int, tensor: int, pipeline: int) -> int:
+    """world / (tensor x pipeline), or ValueError when the world holds no whole number of them."""
+    if world_size % (tensor * pipeline):
+        raise ValueError(f"world size {world_size} is not a multiple of parallel.tensor x parallel.pipeline "
+                         f"({tensor} x {pipeline})")
+    return world_size // (tensor * pipeline)
+
+
 def zero_stage(cfg: TrainerConfig, world: World) -> int:
-    """The manifest's stage, except on a single rank: ZeRO partitions state across
-    data-parallel ranks, so one rank has nothing to partition and the stage is pure
-    overhead (ZeRO 1 vs 0 at the 1.3B shape on one H200: 25.7k vs 28.6k tokens/s)."""
+    """The ZeRO stage the run gets: the manifest's, except on a single rank: ZeRO partitions
+    state across data-parallel ranks, so one rank has nothing to partition and the stage is
+    pure overhead (ZeRO 1 vs 0 at the 1.3B shape on one H200: 25.7k vs 28.6k tokens/s).
+    Pipeline stages run without DeepSpeed: with more than one replica FSDP2 shards each
+    stage over them, whose step peaks at ZeRO-1's memory (whole weights and gradients, 1/dp
+    of AdamW's moments; pipeline.py), so 1 whatever the manifest's 0 or 1 (the stages a
+    pipeline allows, config.check_parallel), as mesh_engine shards at every stage; with one
+    replica, 0."""
+    if cfg.parallel.pipeline > 1:
+        return 1 if data_replicas(world.world_size, cfg.parallel.tensor, cfg.parallel.pipeline) > 1 else 0
     return cfg.training.zero_stage if world.world_size > 1 else 0
 
 
 def optimizer_clips(cfg: TrainerConfig, world: World) -> bool:
-    """Whether GuardedAdamW clips (inside its fused step) instead of DeepSpeed: under stage 0,
-    where the trainer measures the whole gradient's norm anyway and hands it over."""
-    return zero_stage(cfg, world) == 0
+    """Whether GuardedAdamW clips instead of DeepSpeed: under stage 0, where the trainer
+    measures the whole gradient's norm anyway and hands it over, and under tensor or
+    pipeline parallelism, which run without DeepSpeed (mesh_engine.py, pipeline.py)."""
+    return cfg.parallel.tensor > 1 or cfg.parallel.pipeline > 1 or zero_stage(cfg, world) == 0
 
 
 def build_deepspeed_config(cfg: TrainerConfig, world: World, global_batch: int) -> dict:
@@ -151,9 +177,13 @@ class GuardedAdamW(torch.optim.AdamW):
     results are synchronised anyway.
     """
 
-    def __init__(self, params, grad_clip: float = 0.0, **kwargs):
+    def __init__(self, params, grad_clip: float = 0.0, clip_on_device: bool = True, **kwargs):
         super().__init__(params, **kwargs)
         self.grad_clip = grad_clip
+        # DTensor parameters (tensor parallelism) cannot take the fused kernel's plain
+        # found_inf/grad_scale tensors (torch refuses mixing Tensor and DTensor): there the
+        # verdict is read on the host and the gradients scaled before the step.
+        self.clip_on_device = clip_on_device
         self._bad_loss: torch.Tensor | None = None  # inputs of the next step, then cleared
         self._grad_norm: torch.Tensor | None = None
         self._applied: bool | torch.Tensor = False  # outcome of the last step
@@ -175,8 +205,10 @@ class GuardedAdamW(torch.optim.AdamW):
     def step(self, closure=None):
         bad_loss, norm = self._bad_loss, self._grad_norm
         self._bad_loss = self._grad_norm = None  # one step's inputs
-        if norm is not None:
+        if norm is not None and self.clip_on_device:
             return self._step_on_device(closure, bad_loss, norm.float())
+        if norm is not None:
+            return self._step_clipped_on_host(closure, bad_loss, norm.float())
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
         bad = torch.zeros((), dtype=torch.float32, device=grads[0].device if grads else "cpu")
         if grads:
@@ -204,6 +236,18 @@ class GuardedAdamW(torch.optim.AdamW):
         self._applied = bad == 0
         return result
 
+    def _step_clipped_on_host(self, closure, bad_loss: torch.Tensor | None, norm: torch.Tensor):
+        bad = self._agree((~torch.isfinite(norm)).float(), bad_loss)
+        if bad.item() > 0:
+            self._applied = False
+            return None
+        if self.grad_clip > 0 and float(norm) + 1e-6 > self.grad_clip:  # DeepSpeed's coefficient
+            grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+            torch._foreach_mul_([tensor_parallel.local_part(g) for g in grads],
+                                self.grad_clip / (float(norm) + 1e-6))
+        self._applied = True
+        return super().step(closure)
+
     @staticmethod
     def _agree(bad: torch.Tensor, bad_loss: torch.Tensor | None) -> torch.Tensor:
         """This rank's verdict or'ed with its loss's, then with every other rank's (MAX)."""
@@ -217,8 +261,11 @@ class GuardedAdamW(torch.optim.AdamW):
 @torch.no_grad()
 def gradient_norm(model: torch.nn.Module) -> torch.Tensor:
     """L2 norm of all of `model`'s gradients, before clipping; for unpartitioned (stage 0)
-    gradients, which DeepSpeed has already averaged over ranks at the boundary backward."""
+    gradients, which DeepSpeed has already averaged over ranks at the boundary backward, or
+    for DTensor gradients (tensor parallelism: one all-reduce, tensor_parallel.gradient_norm)."""
     grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if any(isinstance(g, DTensor) for g in grads):
+        return tensor_parallel.gradient_norm(model.parameters())
     if not grads:
         return torch.tensor(math.nan)
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())
@@ -229,6 +276,7 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainerConfig, world: World) ->
     return GuardedAdamW(
         weight_decay_groups(model, optim.weight_decay),
         grad_clip=optim.grad_clip if optimizer_clips(cfg, world) else 0.0,
+        clip_on_device=cfg.parallel.tensor == 1,
         lr=optim.lr,
         betas=(optim.beta1, optim.beta2),
         eps=optim.eps,
@@ -246,9 +294,29 @@ def prepare_environment(cache_dir: Path, world: World) -> None:
     os.environ.setdefault("TRITON_CACHE_DIR", str(cache_dir / "triton"))
 
 
+def declare_no_deepspeed_ops() -> None:
+    """Tells DeepSpeed that none of its compiled ops is available, before it asks.
+
+    bloomrun loads no DeepSpeed op (the optimizer is torch's fused AdamW; the images build
+    none). But DeepSpeed's comm backend, constructed by init_distributed, asks
+    `deepspeed.ops.__compatible_ops__` whether to load its shared-memory all-reduce
+    (deepspeed_shm_comm, used only by inference_all_reduce): computing that dict probes every
+    op with compiler subprocesses, and on the CPU the answer makes it JIT-compile the op with
+    g++ *before* it creates the process group. In a pod the extension cache is a fresh
+    emptyDir, so rank 0 compiled for minutes on its CPU share while every peer timed out
+    connecting to its store (issue 11, seen on the real nodes: "The client socket has timed
+    out after 2000ms while trying to connect to (tiny-worker-0...)"). The dict is what
+    DeepSpeed caches after a probe (deepspeed/ops/__init__.py); nothing else reads it."""
+    import deepspeed.ops
+    from deepspeed.ops.op_builder.all_ops import ALL_OPS
+
+    deepspeed.ops.__compatible_ops__ = dict.fromkeys(ALL_OPS, False)
+
+
 def init_distributed(world: World) -> None:
     import deepspeed
 
+    declare_no_deepspeed_ops()
     if world.is_cuda:
         torch.cuda.set_device(world.local_rank)
     if world.world_size == 1 and "MASTER_ADDR" not in os.environ:
@@ -261,6 +329,37 @@ def init_distributed(world: World) -> None:
             timeout=datetime.timedelta(minutes=10),
             verbose=False,
         )
+
+
+VERDICT_POLL_S = 0.5
+
+
+def checked_on_rank_zero(check, world: World, beat, key: str) -> None:
+    """`check()` on rank 0 once every rank is in the group (init_distributed), its verdict
+    handed to the others through the group's c10d store, which they poll while beating their
+    heartbeat. No collective carries the wait, so no collective timeout bounds it: rank 0's
+    first full scan of a large corpus may outlast the group's 10 minutes (issue 19), while the
+    others used to wait in the first collective meanwhile and time out. A ValueError (bad data)
+    on rank 0 is raised as one on every rank, with rank 0's message, so every pod says why;
+    any other failure there ends the group through torchrun, as it did."""
+    if world.world_size == 1:
+        check()
+        return
+    store = dist.distributed_c10d._get_default_store()  # torchrun's: one per restart round
+    if world.rank == 0:
+        try:
+            check()
+        except ValueError as err:
+            store.set(key, f"refused: {err}")
+            raise
+        store.set(key, "ok")
+        return
+    while not store.check([key]):
+        beat()
+        time.sleep(VERDICT_POLL_S)
+    verdict = store.get(key).decode()
+    if verdict != "ok":
+        raise ValueError(f"rank 0: {verdict.removeprefix('refused: ')}")
 
 
 def rank_device(world: World) -> torch.device:
@@ -339,10 +438,10 @@ def gather_full_state(engine, optimizer) -> tuple[dict[str, torch.Tensor], dict[
     stage = engine.zero_optimization_stage()
     weights, moments = {}, {}
     for name, param in engine.module.named_parameters():
-        if stage == 0:
-            weights[name] = param.detach().float().cpu()
+        if stage == 0:  # also DTensor parameters (tensor parallelism): gathered here
+            weights[name] = tensor_parallel.full_tensor(param.detach()).float().cpu()
             for key in MOMENTS:
-                moments[f"{name}.{key}"] = optimizer.state[param][key].detach().float().cpu()
+                moments[f"{name}.{key}"] = tensor_parallel.full_tensor(optimizer.state[param][key].detach()).float().cpu()
         else:
             weights[name] = safe_get_full_fp32_param(param).float().cpu()
             for key in MOMENTS:
@@ -368,10 +467,10 @@ def load_full_state(engine, optimizer, weights: dict[str, torch.Tensor], moments
         if tuple(full.shape) != tuple(param.ds_shape if stage == 3 else param.shape):
             raise ValueError(f"checkpoint tensor {name} has shape {tuple(full.shape)}, the model {tuple(param.shape)}")
         device = engine.device
-        if stage == 0:
-            param.copy_(full.to(device, param.dtype))
+        if stage == 0:  # a DTensor parameter keeps its own shard of the full value
+            tensor_parallel.copy_full_into(param, full.to(device))
             for key in MOMENTS:
-                optimizer.state[param][key].copy_(moments[f"{name}.{key}"].to(device))
+                tensor_parallel.copy_full_into(optimizer.state[param][key], moments[f"{name}.{key}"].to(device))
             continue
         safe_set_full_fp32_param(param, full.to(device))
         for key in MOMENTS:

@@ -1,11 +1,24 @@
 """Rank 0 reports training progress into its own BloomRun's `status.progress`.
 
 Why this channel and not the operator scraping metrics: the trainer already knows its step,
-loss and newest checkpoint, and a merge-patch of a few fields every 10 s costs the API
-server less than an operator scraping every pod of every run; it needs no network path from
-the operator to the pods and works when metrics are off. The pod's ServiceAccount may only
-get/patch `bloomruns/status` of this one run (a Role with resourceNames), so a compromised
-trainer can at worst lie about its own progress. See docs/operator.md.
+loss and newest checkpoint, and a patch of a few fields every 10 s costs the API server less
+than an operator scraping every pod of every run; it needs no network path from the operator
+to the pods and works when metrics are off. The pod's ServiceAccount may only get/patch
+`bloomruns/status` of this one run (a Role with resourceNames), so a compromised trainer can
+at worst lie about its own progress. See docs/operator.md.
+
+Only into its own run, not another of the same name: a JSON patch (RFC 6902) whose first
+operation tests `/metadata/uid` against the run the operator started this pod for
+(BLOOMRUN_RUN_UID), so the API server applies nothing once that run was deleted and created
+again (issue 19: a merge patch's `metadata.uid` is ignored on the status subresource, tried).
+The other operations add each reported field under `/status/progress`, which exists from the
+operator's first status write on (the CRD defaults it to {}), before any worker does.
+
+Each reply is the run itself, and from it the reporter learns which checkpoints the run's
+evaluation still needs (`held_steps`, `HeldSteps`), which the checkpoint pruning keeps: the
+operator's evaluation Jobs read checkpoints long after they are written (docs/eval.md,
+retention). No extra request: a status patch's reply is the whole object, read with the
+`get` the Role already allows.
 
 Standard library only (no Kubernetes client in the trainer image's import graph). Every
 network problem is logged and swallowed: progress reporting never stops training. Sends
@@ -23,6 +36,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from datetime import datetime, timezone
 
 log = logging.getLogger(__name__)
@@ -46,6 +60,64 @@ def _finite(value: float | None) -> float | None:
     return float(value) if value is not None and math.isfinite(value) else None
 
 
+@dataclass(frozen=True)
+class Timing:
+    """Where this trainer process's time went since it started: the operator's goodput
+    accounting (bloomrun/operator/goodput.py) takes differences of these totals and tells a
+    new session (a restart) by `started_at`. Rank 0's wall seconds."""
+
+    started_at: float
+    resumed_step: int
+    """The checkpoint step this session resumed from (0: from the start)."""
+    step_seconds: float
+    """In training steps."""
+    checkpoint_seconds: float
+    """In checkpoint saves."""
+
+    def to_progress(self) -> dict:
+        return {"startTime": _rfc3339(self.started_at), "resumedStep": int(self.resumed_step),
+                "stepSeconds": round(self.step_seconds, 3), "checkpointSeconds": round(self.checkpoint_seconds, 3)}
+
+
+@dataclass(frozen=True)
+class HeldSteps:
+    """The checkpoint steps a run's evaluation may still read, from one read of the run
+    (`step in held`). Held: a step whose evaluation is pending (status.evaluation.running or
+    queued), and every step at or past `from_step`, the ones the operator has not decided
+    about yet: the newest checkpoint the status reports when the operator has not looked at
+    it (`evaluation.seenStep` below it), and any checkpoint published since (not reported
+    yet). The operator's status writes are conditional on the resourceVersion it planned
+    from, so every decision it makes after this read sees at least this read's
+    checkpointStep: a step below `from_step` and not pending now can never become pending,
+    and an older read only holds more. Hence at most keepLast + pending (eval.maxConcurrent
+    + the operator's queue) + the checkpoints written since the last read are kept."""
+
+    pending: frozenset[int] = frozenset()
+    from_step: int | None = None  # None: nothing beyond `pending`
+
+    def __contains__(self, step: object) -> bool:
+        return step in self.pending or (self.from_step is not None and isinstance(step, int)
+                                        and step >= self.from_step)
+
+
+NOTHING_HELD = HeldSteps()
+# Before the first read of the run: any checkpoint may be one whose evaluation is pending.
+EVERY_STEP_HELD = HeldSteps(from_step=0)
+
+
+def held_steps_of(run: dict) -> HeldSteps:
+    """What `run` (the BloomRun object as the API server returns it) holds: nothing without
+    spec.eval (the workers' own config leaves eval out, so the run's spec is what says)."""
+    if not (run.get("spec") or {}).get("eval"):
+        return NOTHING_HELD
+    status = run.get("status") or {}
+    evaluation, progress = status.get("evaluation") or {}, status.get("progress") or {}
+    pending = frozenset(int(s) for s in [*(evaluation.get("running") or []), *(evaluation.get("queued") or [])])
+    seen, reported = evaluation.get("seenStep"), progress.get("checkpointStep")
+    undecided = max(int(reported) if reported is not None else 0, int(seen) + 1 if seen is not None else 0)
+    return HeldSteps(pending, undecided)
+
+
 class NullReporter:
     """Used outside a cluster, and on every rank but 0."""
 
@@ -54,19 +126,42 @@ class NullReporter:
     def report(self, *args, **kwargs) -> None:
         pass
 
+    def held_steps(self) -> HeldSteps:
+        """Outside a cluster nothing is held: a local study scores each checkpoint itself."""
+        return NOTHING_HELD
+
     def close(self) -> None:
         pass
 
 
+def progress_patch(run_uid: str, progress: dict) -> list[dict]:
+    """The JSON patch of `progress` into the status of the run whose uid is `run_uid`: the
+    API server refuses all of it (422) when the object of that name is another run."""
+    return [{"op": "test", "path": "/metadata/uid", "value": run_uid},
+            *({"op": "add", "path": f"/status/progress/{key}", "value": value} for key, value in progress.items())]
+
+
+def merge_pending(older: dict | None, newer: dict) -> dict:
+    """`newer` over `older`, keeping older's checkpoint fields when newer has none: a
+    checkpoint report must not be lost by merging (nor by a failed send)."""
+    merged = dict(older or {}, **newer)
+    if older and "checkpointStep" in older and "checkpointStep" not in newer:
+        for key in ("checkpointStep", "checkpointTime", "checkpointTokens"):
+            if key in older:
+                merged[key] = older[key]
+    return merged
+
+
 class ProgressReporter:
-    """Rate-limited merge-patches of `status.progress`, sent from a daemon thread."""
+    """Rate-limited JSON patches of `status.progress`, sent from a daemon thread."""
 
     enabled = True
 
-    def __init__(self, api_url: str, namespace: str, name: str, token_path: str, ca_path: str | None,
-                 interval_s: float = REPORT_INTERVAL_S, timeout_s: float = REQUEST_TIMEOUT_S):
+    def __init__(self, api_url: str, namespace: str, name: str, run_uid: str, token_path: str,
+                 ca_path: str | None, interval_s: float = REPORT_INTERVAL_S, timeout_s: float = REQUEST_TIMEOUT_S):
         self.url = (f"{api_url.rstrip('/')}/apis/bloomrun.io/v1alpha1/namespaces/{namespace}"
                     f"/bloomruns/{name}/status")
+        self.run_uid = run_uid
         self.token_path = token_path
         self.ssl_context = ssl.create_default_context(cafile=ca_path) if api_url.startswith("https") else None
         self.interval_s = interval_s
@@ -79,6 +174,8 @@ class ProgressReporter:
         self._closed = False
         self._force = False
         self.sent = 0  # successful patches, for tests and logs
+        self.superseded = False  # the run of this name is another one now: reporting stopped
+        self._held = EVERY_STEP_HELD  # replaced by each reply read (one reference: no lock)
         self._thread = threading.Thread(target=self._run, name="bloomrun-progress", daemon=True)
         self._thread.start()
 
@@ -88,6 +185,10 @@ class ProgressReporter:
         env = dict(os.environ if env is None else env)
         name, namespace = env.get("BLOOMRUN_RUN_NAME"), env.get("BLOOMRUN_RUN_NAMESPACE")
         if not name or not namespace or env.get("RANK", "0") != "0":
+            return NullReporter()
+        run_uid = env.get("BLOOMRUN_RUN_UID")
+        if not run_uid:  # the operator sets it in every worker; without it a report could land in another run
+            log.warning("progress reporting off: BLOOMRUN_RUN_UID is not set")
             return NullReporter()
         api_url = env.get("BLOOMRUN_API_URL")
         if not api_url:
@@ -102,7 +203,7 @@ class ProgressReporter:
             log.warning("progress reporting off: no service-account token at %s", token_path)
             return NullReporter()
         try:
-            return cls(api_url, namespace, name, token_path, ca_path if os.path.exists(ca_path) else None,
+            return cls(api_url, namespace, name, run_uid, token_path, ca_path if os.path.exists(ca_path) else None,
                        interval_s=float(env.get("BLOOMRUN_PROGRESS_INTERVAL", REPORT_INTERVAL_S)))
         except (OSError, ssl.SSLError, ValueError) as err:
             log.warning("progress reporting off: %s", err)
@@ -110,7 +211,8 @@ class ProgressReporter:
 
     def report(self, step: int, target_steps: int | None, tokens: int, loss: float | None,
                tokens_per_second: float | None, checkpoint_step: int | None = None,
-               checkpoint_time: float | datetime | str | None = None, force: bool = False) -> None:
+               checkpoint_time: float | datetime | str | None = None, force: bool = False,
+               checkpoint_tokens: int | None = None, timing: Timing | None = None) -> None:
         """Queue the newest progress; it is sent at most every interval, or now with force."""
         progress = {
             "step": int(step),
@@ -123,16 +225,21 @@ class ProgressReporter:
         if checkpoint_step is not None:
             progress["checkpointStep"] = int(checkpoint_step)
             progress["checkpointTime"] = _rfc3339(checkpoint_time)
+            if checkpoint_tokens is not None:  # the operator schedules evaluation by it
+                progress["checkpointTokens"] = int(checkpoint_tokens)
+        if timing is not None:
+            progress.update(timing.to_progress())
         with self._lock:
             # A forced report must not be lost by merging into an older pending one.
-            merged = dict(self._pending or {}, **progress)
-            if self._pending and "checkpointStep" in self._pending and checkpoint_step is None:
-                merged["checkpointStep"] = self._pending["checkpointStep"]
-                merged["checkpointTime"] = self._pending["checkpointTime"]
-            self._pending = merged
+            self._pending = merge_pending(self._pending, progress)
             self._force = force or self._force
         if force or time.monotonic() - self._last_sent >= self.interval_s:
             self._wake.set()
+
+    def held_steps(self) -> HeldSteps:
+        """The checkpoints the run's evaluation may still read, as of the last reply (every
+        step until one was read). The checkpoint pruning keeps them."""
+        return self._held
 
     def close(self, timeout_s: float = REQUEST_TIMEOUT_S) -> None:
         """Send what is pending (the final step) and stop the thread."""
@@ -147,36 +254,79 @@ class ProgressReporter:
             self._wake.wait(self.interval_s)
             self._wake.clear()
             with self._lock:
-                payload, force = self._pending, self._force
-                due = force or self._closed or time.monotonic() - self._last_sent >= self.interval_s
+                payload, force, closing = self._pending, self._force, self._closed
+                due = force or closing or time.monotonic() - self._last_sent >= self.interval_s
                 if payload is not None and due:
                     self._pending, self._force = None, False
                 else:
                     payload = None
-            if payload is not None:
-                self._send(payload)
-            if self._closed and self._pending is None:
+            if payload is not None and not self._send(payload):
+                with self._lock:  # sent again with the next report
+                    self._pending = merge_pending(payload, self._pending or {})
+            # Closed before this round: it was the last try, whether or not it succeeded.
+            if self.superseded or closing and (payload is not None or self._pending is None):
                 return
 
-    def _send(self, progress: dict) -> None:
+    def _send(self, progress: dict) -> bool:
+        """One patch; False when it failed (the caller keeps the fields for the next one)."""
         self._last_sent = time.monotonic()
-        body = json.dumps({"status": {"progress": progress}}).encode()
         try:
             with open(self.token_path) as f:  # re-read: projected tokens rotate
                 token = f.read().strip()
-            request = urllib.request.Request(self.url, data=body, method="PATCH", headers={
-                "Content-Type": "application/merge-patch+json",
-                "Authorization": f"Bearer {token}",
-                "Accept": "application/json",
-            })
-            with urllib.request.urlopen(request, timeout=self.timeout_s, context=self.ssl_context) as response:
-                response.read()
+            self._read_run(self._request("PATCH", token, progress_patch(self.run_uid, progress)))
             self.sent += 1
+            return True
+        except urllib.error.HTTPError as err:
+            # A failed test operation is a bare 422 "the server rejected our request": the run
+            # of this name says whether it was the uid's.
+            if err.code == 422 and self._replaced(token):
+                self.superseded = True
+                log.warning("progress reporting stops: %s is no longer run %s (deleted and created again)",
+                            self.url, self.run_uid)
+                return True
+            self._log_failure(f"{err.code} {_message(err)}")
         except (OSError, urllib.error.URLError, ssl.SSLError, ValueError) as err:
-            # URLError/HTTPError are OSErrors; a 403 here means the Role is wrong, a 404 the
-            # run is gone. Either way training goes on; say so at most once a minute.
-            now = time.monotonic()
-            if now - self._last_error_log >= LOG_ERRORS_EVERY_S:
-                self._last_error_log = now
-                detail = getattr(err, "code", None) or getattr(err, "reason", None) or err
-                log.warning("progress report to %s failed: %s", self.url, detail)
+            self._log_failure(getattr(err, "reason", None) or err)
+        return False
+
+    def _read_run(self, run: dict) -> None:
+        """Take the held steps from a reply: the patched run. Anything else keeps the older
+        view, which holds at least as much."""
+        try:
+            if run.get("metadata", {}).get("uid") == self.run_uid:
+                self._held = held_steps_of(run)
+        except (AttributeError, TypeError, ValueError) as err:  # keep the older view: it holds more
+            self._log_failure(f"unreadable run in the reply ({err})")
+
+    def _replaced(self, token: str) -> bool:
+        """Whether the run of this name is another one than ours (False when unknown)."""
+        try:
+            return self._request("GET", token)["metadata"]["uid"] != self.run_uid
+        except (OSError, urllib.error.URLError, ssl.SSLError, ValueError, KeyError, TypeError):
+            return False
+
+    def _request(self, method: str, token: str, patch: list[dict] | None = None) -> dict:
+        """One request to the run's status subresource; the reply's JSON."""
+        headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
+        if patch is not None:
+            headers["Content-Type"] = "application/json-patch+json"
+        data = json.dumps(patch).encode() if patch is not None else None
+        request = urllib.request.Request(self.url, data=data, method=method, headers=headers)
+        with urllib.request.urlopen(request, timeout=self.timeout_s, context=self.ssl_context) as response:
+            return json.loads(response.read() or b"{}")
+
+    def _log_failure(self, detail) -> None:
+        # A 403 means the Role is wrong, a 404 the run is gone. Either way training goes on;
+        # say so at most once a minute.
+        now = time.monotonic()
+        if now - self._last_error_log >= LOG_ERRORS_EVERY_S:
+            self._last_error_log = now
+            log.warning("progress report to %s failed: %s", self.url, detail)
+
+
+def _message(err: "urllib.error.HTTPError") -> str:
+    """The API server's Status message of a refused request ("" when unreadable)."""
+    try:
+        return str(json.loads(err.read() or b"{}").get("message", ""))
+    except (OSError, ValueError, AttributeError):
+        return ""

@@ -8,8 +8,9 @@ within a second (RendezvousConnectionError), so losing worker-0 failed the whole
 runs apart from every agent (its own pod on a cluster), and every agent joins as a client
 (`is_host=false`), so no worker is special: any one of them can go and the others re-form.
 
-The store holds only rendezvous state, which the agents rewrite at every round, so a store
-restarted empty costs a re-rendezvous, not training state.
+The store holds only rendezvous state, so its loss costs a re-rendezvous, not training state:
+the agents' TCPStore clients never reconnect, so each stops its worker with SIGTERM (which
+saves the step reached) and exits 1, and the operator replaces them (docs/operator.md).
 """
 
 from __future__ import annotations

@@ -24,6 +24,9 @@ TERMINATION_LOG = "/dev/termination-log"
 # The first words of a permanent refusal's termination message: the operator reads them
 # (bloomrun.operator.reconcile), since torchrun hides the trainer's own exit code behind its 1.
 PERMANENT_MARK = "permanent: "
+# The first words of the termination message the hang watchdog (bloomrun.trainer.watchdog)
+# writes when a rank of this pod hung: the operator classifies the failure `Hung`.
+HUNG_MARK = "hung: "
 
 
 def load_config(path: str) -> TrainerConfig:

@@ -23,11 +23,14 @@ import torch
 import torch.distributed as dist
 
 from bloomrun.trainer import checkpoint as ckpt
-from bloomrun.trainer import elastic, parallel, runlock
+from bloomrun.trainer import elastic, parallel, runlock, watchdog
+from bloomrun.trainer import heartbeat as hb
 from bloomrun.trainer.config import TrainerConfig
 from bloomrun.trainer.faults import FaultHooks
 from bloomrun.trainer.identity import check_init_from, check_resume, compatibility, identity_from_env
+from bloomrun.trainer.mesh_engine import MeshEngine
 from bloomrun.trainer.metrics import TrainerMetrics, flops_per_token, peak_flops, throughput
+from bloomrun.trainer.pipeline import PipelineEngine
 from bloomrun.trainer.schedule import (
     decay_tokens,
     global_batch_size_at,
@@ -70,36 +73,69 @@ def run_labels(env=os.environ) -> tuple[str, str]:
     return identity.namespace or env.get("BLOOMRUN_NAMESPACE") or "local", identity.name
 
 
+def build_engine(model: torch.nn.Module, cfg: TrainerConfig, world: parallel.World,
+                 device: torch.device) -> tuple[object, torch.optim.Optimizer]:
+    """(engine, optimizer) for the run's layout, AdamW's state created (init_optimizer_state);
+    the engine's batch size is the caller's to set, per step."""
+    if cfg.parallel.pipeline > 1:
+        # This rank's stage under torch.distributed.pipelining, sharded over its tensor group
+        # when parallel.tensor > 1 (T x P), whole pipelines data-parallel (pipeline.py).
+        engine = PipelineEngine.create(model, cfg, world, device)
+        optimizer = engine.optimizer
+    elif cfg.parallel.tensor > 1:
+        # DTensor TP + FSDP2: DeepSpeed's engine takes no DTensor parameters (mesh_engine.py).
+        engine = MeshEngine.create(model, cfg, world, device)
+        optimizer = engine.optimizer
+    else:
+        optimizer = parallel.build_optimizer(model, cfg, world)
+        # Sized for one micro-batch per rank, which every world size divides: the batch of
+        # step 0 (the ramp's first) may not suit this world when resuming past the ramp on
+        # more ranks; Trainer._set_batch_size sets each step's own batch before it runs.
+        ds_config = parallel.build_deepspeed_config(cfg, world, cfg.training.micro_batch_size * world.world_size)
+        engine = parallel.create_engine(model, optimizer, ds_config, world)
+    parallel.init_optimizer_state(engine, optimizer)
+    return engine, optimizer
+
+
 class Trainer:
     """`Trainer(cfg).fit()` on every rank; `train_step()` alone for benchmarks and tests."""
 
     def __init__(self, cfg: TrainerConfig, world: parallel.World | None = None, *,
                  faults: FaultHooks = FaultHooks(), serve_metrics: bool = True):
-        """A run's set-up, in the order it must happen (data checked before anything starts,
-        the lock after, distributed before the model, the engine before its state), one or
+        """A run's set-up, in the order it must happen (the group formed, then data checked
+        before anything starts, the lock after, the model, the engine before its state), one or
         two lines a step under a comment each: longer than 60 lines on purpose, since split
         into helpers the order would no longer read from top to bottom (torchtitan's
         Trainer.__init__ is written the same way)."""
-        from bloomrun.trainer.data import build_train_samples, validate_data
+        from bloomrun.trainer.data import build_train_samples, data_cache_dir, validate_data
         from bloomrun.trainer.model import ModelArgs, build_model
 
         self.cfg, self.faults = cfg, faults
         self.world = world = world or parallel.World.from_env()
         self.args = ModelArgs.from_config(cfg.model)
         self.checkpoint_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else None
+        # Hang detection first, so that everything after it is watched (watchdog.py).
+        self.guard = watchdog.guard(cfg.watchdog, world.rank, world.local_rank,
+                                    int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+        self.heartbeat = self.guard.heartbeat
 
-        # Data: checked before anything else so a bad file fails with its name, at once.
-        # Rank 0 alone: the check reads every token, and torchrun stops the others if it fails.
-        if world.rank == 0:
-            validate_data(cfg.data, cfg.model.shape().vocab_size, self.args.seq_length)
-        self.samples = build_train_samples(cfg.data, self.args.seq_length)
+        # Distributed first, so every rank is in the group before anyone waits on another:
+        # DeepSpeed picks its accelerator and JIT cache at import.
+        parallel.prepare_environment(elastic.cache_dir(os.environ), world)
+        parallel.init_distributed(world)
+
+        # Data: checked before anything else runs, so a bad file fails with its name, at once.
+        # Rank 0 alone: the first start reads every token (later ones a bounded sample: the
+        # data cache records the scan); the others wait for its verdict with no collective
+        # timeout to hit (parallel.checked_on_rank_zero), and refuse with its message.
+        data_cache = data_cache_dir(cfg.checkpoint.dir)
+        parallel.checked_on_rank_zero(
+            lambda: validate_data(cfg.data, cfg.model.shape().vocab_size, self.args.seq_length, cache_dir=data_cache),
+            world, self.heartbeat.beat, key="bloomrun/data-checked")
+        self.samples = build_train_samples(cfg.data, self.args.seq_length, cache_dir=data_cache)
         # One trainer per checkpoint folder: rank 0 holds its lock while it lives (runlock.py).
         # Taken after the data check, so a run refused for its data leaves no folder behind.
         self.run_lock = runlock.acquire(self.checkpoint_dir) if self.checkpoint_dir and world.rank == 0 else None
-
-        # Distributed: DeepSpeed picks its accelerator and JIT cache at import.
-        parallel.prepare_environment(elastic.cache_dir(os.environ), world)
-        parallel.init_distributed(world)
         self.device = parallel.rank_device(world)
         self.precision = parallel.precision(cfg, world)
 
@@ -116,13 +152,9 @@ class Trainer:
             model.compile()
 
         # Optimizer and engine; AdamW state exists from the start (see init_optimizer_state).
-        self.optimizer = parallel.build_optimizer(model, cfg, world)
-        # Sized for one micro-batch per rank, which every world size divides: the batch of
-        # step 0 (the ramp's first) may not suit this world when resuming past the ramp on
-        # more ranks; _set_batch_size sets each step's own batch before it runs.
-        ds_config = parallel.build_deepspeed_config(cfg, world, cfg.training.micro_batch_size * world.world_size)
-        self.engine = parallel.create_engine(model, self.optimizer, ds_config, world)
-        parallel.init_optimizer_state(self.engine, self.optimizer)
+        # Each rank reads the samples of its data-parallel replica (a tensor group shares them).
+        self.data_rank, self.data_size = parallel.data_parallel(cfg, world)
+        self.engine, self.optimizer = build_engine(model, cfg, world, self.device)
         # DeepSpeed records the gradient norm only when ZeRO (1-3) computes it; under stage 0
         # the trainer measures it, and the optimizer clips and guards with it.
         self._measure_grad_norm = parallel.optimizer_clips(cfg, world)
@@ -130,6 +162,10 @@ class Trainer:
         # Bookkeeping: what checkpoints carry (whose they are and what they fit, so a run
         # resumes only its own: identity.py), then the loop's own.
         self.state = ckpt.TrainState()
+        # Sharded checkpoints need DTensor parameters (the tensor-parallel engine); pipeline
+        # stages always write their own shards (no rank holds the whole model to consolidate).
+        self.checkpoint_layout = ckpt.SHARDED if cfg.parallel.pipeline > 1 or (
+            cfg.checkpoint.format == "sharded" and cfg.parallel.tensor > 1) else ckpt.CONSOLIDATED
         self.identity = identity_from_env()
         self.compatibility = compatibility(cfg)
         self.warm_started_from: dict | None = None  # recorded in every checkpoint after one
@@ -140,6 +176,9 @@ class Trainer:
         self._bad_streak_start = 0
         self._stop_requested = False
         self._last_progress: tuple[float | None, float | None] = (None, None)  # (loss, tokens/s)
+        # Where this process's time went, for the operator's goodput accounting (progress.Timing).
+        self.started_at, self.resumed_step = time.time(), 0
+        self.step_seconds = self.checkpoint_seconds = 0.0
 
         # Throughput arithmetic; metrics on each node's local rank 0; progress from rank 0.
         self.flops_per_token = flops_per_token(self.num_parameters, self.args)
@@ -149,15 +188,23 @@ class Trainer:
         self.reporter = self._progress_reporter()
         if world.rank == 0:
             self._log_start(device_name)
+            if self.checkpoint_layout != cfg.checkpoint.format:
+                log.info("checkpoint.format consolidated: pipeline stages write their own shards; writing "
+                         "sharded checkpoints (checkpoint_sharded.py consolidates one offline)"
+                         if cfg.parallel.pipeline > 1 else
+                         "checkpoint.format sharded: parallel.tensor 1 runs on DeepSpeed, whose ZeRO partitions "
+                         "cannot be written as shards; writing consolidated checkpoints")
 
     # ------------------------------------------------------------------ helpers
 
     def _log_start(self, device_name: str) -> None:
         log.info(
-            "model %s: %.1fM parameters, %.3g FLOPs/token; %d ranks on %s, %s, ZeRO %d; %d steps",
+            "model %s: %.1fM parameters, %.3g FLOPs/token; %d ranks (TP %d x %sDP %d) on %s, %s, ZeRO %d; %d steps",
             self.cfg.model.preset or "custom", self.num_parameters / 1e6, self.flops_per_token,
-            self.world.world_size, device_name, self.precision, parallel.zero_stage(self.cfg, self.world),
-            self.target_steps,
+            self.world.world_size, self.cfg.parallel.tensor,
+            f"PP {self.cfg.parallel.pipeline} x " if self.cfg.parallel.pipeline > 1 else "", self.data_size,
+            device_name, self.precision,
+            parallel.zero_stage(self.cfg, self.world), self.target_steps,
         )
 
     def _start_metrics(self, serve: bool) -> TrainerMetrics:
@@ -166,6 +213,7 @@ class Trainer:
         metrics.start_totals(tokens=0, skipped_steps=0, rollbacks=0)  # resume() restores the run's
         minutes = self.cfg.checkpoint.every_minutes
         metrics.checkpoint_interval.set(minutes * 60 if minutes else 0)
+        metrics.watch_ranks(self.guard.compute_seconds)
         if serve:
             self.metrics_port = metrics.serve(self.cfg.metrics.port, self._port_file())
         return metrics
@@ -207,7 +255,7 @@ class Trainer:
         skipped = self.state.skipped_ranges
         consumed = self.state.consumed_samples = skip_past(self.state.consumed_samples, skipped)
         global_batch = self._set_batch_size(consumed)
-        indices = rank_sample_indices(consumed, global_batch, self.world.rank, self.world.world_size,
+        indices = rank_sample_indices(consumed, global_batch, self.data_rank, self.data_size,
                                       training.micro_batch_size)
         lr = learning_rate(self._tokens_of(samples_trained(consumed + global_batch, skipped)), self.cfg.optim,
                            self.decay_tokens)
@@ -215,7 +263,7 @@ class Trainer:
             group["lr"] = lr
 
         start = time.perf_counter()
-        loss_sum, measured_norm = self._forward_backward(indices)
+        loss_sum, measured_norm, compute_seconds = self._forward_backward(indices)
         loss_sum, stop_requested, time_due = self._agree(loss_sum)  # synchronises the device
         seconds = time.perf_counter() - start
         applied = bool(self.optimizer.take_applied())  # maybe a device flag: read after the sync
@@ -227,6 +275,8 @@ class Trainer:
         self.state.tokens = self._tokens_of(samples_trained(self.state.consumed_samples, skipped))
         if applied:
             self.state.optimizer_steps += 1
+        self.step_seconds += seconds
+        self.heartbeat.step_done(self.state.step, seconds, compute_seconds())
         every = self.cfg.checkpoint.every_steps
         return StepResult(
             step=self.state.step, loss=loss_sum / (global_batch // training.micro_batch_size), grad_norm=grad_norm,
@@ -239,21 +289,30 @@ class Trainer:
         """The step's global batch; the engine is told when the ramp-up changes it."""
         global_batch = global_batch_size_at(consumed, self.cfg.training)
         accumulation = parallel.gradient_accumulation(global_batch, self.cfg.training.micro_batch_size,
-                                                      self.world.world_size)
+                                                      self.data_size)
         if accumulation != self.engine.gradient_accumulation_steps():
             self.engine.set_train_batch_size(global_batch)
         return global_batch
 
-    def _forward_backward(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _forward_backward(self, indices: list[int]):
         """This rank's micro-batches through the engine, which steps the optimizer after the
-        last. Returns the rank's summed loss (on the device) and, under stage 0, the gradient
-        norm the trainer measured (None: DeepSpeed measured it)."""
+        last. Returns the rank's summed loss (on the device), under stage 0 the gradient norm
+        the trainer measured (None: DeepSpeed measured it), and a function giving this rank's
+        own compute seconds (read it after the step's sync)."""
         self.engine.train()
+        if isinstance(self.engine, PipelineEngine):
+            return self._pipeline_step(indices)
         loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
         grad_norm = None
+        compute_start = compute_end = self._clock()
         for micro in micro_batches(indices, self.cfg.training.micro_batch_size):
-            batch = torch.from_numpy(np.stack([self.samples[i] for i in micro])).to(self.device, non_blocking=True)
+            self.heartbeat.beat()
+            batch = self._batch(micro)
             loss = self.faults.poisoned_loss(self.engine(batch[:, :-1], labels=batch[:, 1:]), micro)
+            if self.engine.is_gradient_accumulation_boundary():
+                # This rank's own work ends here: the gradient reduction that follows waits for
+                # the slowest rank, so only the time before it shows a straggler.
+                compute_end = self._clock()
             self.engine.backward(loss)
             loss_sum += loss.detach().float()
             if self.engine.is_gradient_accumulation_boundary():
@@ -261,7 +320,35 @@ class Trainer:
                 grad_norm = parallel.gradient_norm(self.engine.module) if self._measure_grad_norm else None
                 self.optimizer.guard_next_step(loss_sum, grad_norm)
             self.engine.step()
-        return loss_sum, grad_norm
+        return loss_sum, grad_norm, lambda: self._seconds_between(compute_start, compute_end)
+
+    def _pipeline_step(self, indices: list[int]):
+        """_forward_backward for a pipeline stage: the schedule runs the step's micro-batches
+        together and steps the optimizer; the loss is the last stage's (0 on the others, so the
+        all-reduce in _agree counts each replica's once), the norm the whole model's."""
+        self.heartbeat.beat()
+        compute_start = self._clock()
+        batches = [self._batch(micro) for micro in micro_batches(indices, self.cfg.training.micro_batch_size)]
+        loss_sum, grad_norm = self.engine.step_batch(batches)
+        compute_end = self._clock()
+        return loss_sum, grad_norm, lambda: self._seconds_between(compute_start, compute_end)
+
+    def _batch(self, micro: list[int]) -> torch.Tensor:
+        """The micro-batch's samples as one (B, T + 1) tensor of token ids on the device."""
+        return torch.from_numpy(np.stack([self.samples[i] for i in micro])).to(self.device, non_blocking=True)
+
+    def _clock(self):
+        """A point on this rank's timeline: a CUDA event on a GPU (read after the step's sync,
+        so timing costs no stall), the host clock on the CPU."""
+        if self.world.is_cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    @staticmethod
+    def _seconds_between(start, end) -> float:
+        return start.elapsed_time(end) / 1000 if isinstance(start, torch.cuda.Event) else end - start
 
     def _agree(self, loss_sum: torch.Tensor) -> tuple[float, bool, bool]:
         """(the loss summed over every rank's micro-batches, a stop asked on some rank, a
@@ -269,7 +356,9 @@ class Trainer:
         minutes = self.cfg.checkpoint.every_minutes
         time_due = minutes is not None and time.monotonic() - self._last_save_clock >= minutes * 60
         agreed = self._all_reduce(torch.stack([
-            loss_sum.double().cpu(), torch.tensor(float(self._stop_requested), dtype=torch.float64),
+            # Every rank of a tensor group holds its replica's whole loss: counted once.
+            loss_sum.double().cpu() / self.cfg.parallel.tensor,
+            torch.tensor(float(self._stop_requested), dtype=torch.float64),
             torch.tensor(float(time_due), dtype=torch.float64),
         ]))
         return float(agreed[0]), bool(agreed[1] > 0), bool(agreed[2] > 0)
@@ -332,7 +421,8 @@ class Trainer:
                 )
             self._last_progress = (result.loss if math.isfinite(result.loss) else None, rates.tokens_per_second)
             if self.reporter is not None:
-                self.reporter.report(result.step, self.target_steps, self.state.tokens, *self._last_progress)
+                self.reporter.report(result.step, self.target_steps, self.state.tokens, *self._last_progress,
+                                     timing=self._timing())
 
     # ----------------------------------------------------------- checkpoints
 
@@ -340,15 +430,24 @@ class Trainer:
         """Checkpoint the current state (every rank calls it; see checkpoint.save)."""
         if self.checkpoint_dir is None:
             return
+        with self.heartbeat.phase_of(hb.CHECKPOINT):  # the watchdog allows a save its own time
+            self._save()
+
+    def _save(self) -> None:
         start = time.perf_counter()
+        self.faults.slow_save(self.world.rank)
         self.state.optimizer_steps = parallel.optimizer_steps(self.optimizer)
         extra = {"world_size": self.world.world_size, "zero_stage": parallel.zero_stage(self.cfg, self.world),
+                 "tensor_parallel": self.cfg.parallel.tensor, "pipeline_parallel": self.cfg.parallel.pipeline,
                  "run": self.identity.to_dict(), "compatibility": self.compatibility,
                  "init_from": self.warm_started_from,
                  "loss": self._last_progress[0]}  # rank 0's last step loss: bloomctl's summary
+        # Rank 0 prunes; it keeps the checkpoints the run's evaluation Jobs may still read.
+        held = self.reporter.held_steps if self.reporter is not None else None
         path = ckpt.save(self.checkpoint_dir, self.state, self.engine, self.optimizer, self.world,
-                         self.cfg.checkpoint.keep_last, extra)
+                         self.cfg.checkpoint.keep_last, extra, self.checkpoint_layout, held)
         seconds = time.perf_counter() - start
+        self.checkpoint_seconds += seconds
         if path is not None:
             log.info("checkpoint step %d saved to %s in %.2f s", self.state.step, path, seconds)
         self._last_save_clock = time.monotonic()
@@ -360,7 +459,7 @@ class Trainer:
         if self.reporter is not None:
             self.reporter.report(self.state.step, self.target_steps, self.state.tokens, *self._last_progress,
                                  checkpoint_step=self.state.step, checkpoint_time=self.last_checkpoint_time,
-                                 force=True)
+                                 checkpoint_tokens=self.state.tokens, force=True)
 
     def resume(self) -> bool:
         """Load the newest complete checkpoint, if any, once it proves to be this run's own
@@ -377,6 +476,7 @@ class Trainer:
         self.state = ckpt.load(path, meta, self.engine, self.optimizer, self.world)
         self.warm_started_from = meta.get("init_from")
         self.state.restarts += 1
+        self.resumed_step = self.state.step
         self.last_checkpoint_step, self.last_checkpoint_time = self.state.step, meta.get("published_at")
         if self.metrics is not None:
             self.metrics.start_totals(self.state.tokens, self.state.skipped_steps, self.state.rollbacks)
@@ -412,11 +512,12 @@ class Trainer:
             skip_end += global_batch_size_at(skip_end, self.cfg.training)
         skipped_range = [self._bad_streak_start, skip_end]
         counters = (self.state.skipped_steps, self.state.rollbacks + 1, self.state.skipped_ranges + [skipped_range])
-        choice = ckpt.choose(self.checkpoint_dir, self.world, self.device) if self.checkpoint_dir else None
+        with self.heartbeat.phase_of(hb.CHECKPOINT):
+            choice = ckpt.choose(self.checkpoint_dir, self.world, self.device) if self.checkpoint_dir else None
+            if choice is not None:
+                self.state = ckpt.load(*choice, self.engine, self.optimizer, self.world)
         if choice is not None:
-            path, meta = choice
-            self.state = ckpt.load(path, meta, self.engine, self.optimizer, self.world)
-            where = f"checkpoint step {meta['step']}"
+            where = f"checkpoint step {choice[1]['step']}"
         else:
             # Bad steps never reached the weights, so the current ones are as good as any.
             where = "the current weights (no checkpoint yet)"
@@ -437,6 +538,9 @@ class Trainer:
         """Resume, train to the target, checkpoint on schedule and on SIGTERM; exit status 0."""
         signal.signal(signal.SIGTERM, self.request_stop)
         self.resume()
+        if self.reporter is not None:  # a new session: the operator counts a restart's cost from here
+            self.reporter.report(self.state.step, self.target_steps, self.state.tokens, None, None,
+                                 timing=self._timing(), force=True)
         while self.state.step < self.target_steps:
             result = self.train_step()
             self.faults.record(result, self.world.rank, self.world.world_size)
@@ -452,6 +556,11 @@ class Trainer:
         if self.last_checkpoint_step != self.state.step:
             self.save()
         return 0
+
+    def _timing(self):
+        from bloomrun.trainer.progress import Timing
+
+        return Timing(self.started_at, self.resumed_step, self.step_seconds, self.checkpoint_seconds)
 
     def _stop_code(self) -> int:
         """Exit status after a SIGTERM stop, once its checkpoint is saved.
@@ -470,6 +579,7 @@ class Trainer:
         return EXIT_PEER_STOPPED
 
     def close(self) -> None:
+        self.guard.close()
         if self.reporter is not None:
             self.reporter.close()
         if self.run_lock is not None:

@@ -59,7 +59,7 @@ def probe_run(name: str, gpu_hours_budget: float | None = None) -> dict:
     spec = {
         "model": {"preset": "tiny"},
         "data": {"sources": [{"path": "/data/tiny"}]},
-        "training": {"trainSteps": 20, "globalBatchSize": 8, "microBatchSize": 2},
+        "training": {"trainSteps": 20, "globalBatchSize": 16, "microBatchSize": 2},  # 8 ranks x 2
         "nodes": {"min": 1, "max": 1},
         "gpusPerNode": 8,
         "pool": {"nodeSelector": pool.selector, "tolerations": pool.tolerations},

@@ -1,5 +1,5 @@
 """The container images cannot be built here (no Docker engine): lint them with hadolint and
-check the invariants that matter, the same pins as CI above all."""
+check the invariants that matter, the same pins as CI above all, installed by hash."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 
 from tests.chart.helm import REPO
 
-DOCKERFILES = {"Dockerfile": "trainer.txt", "Dockerfile.operator": "operator.txt"}
+DOCKERFILES = {"Dockerfile": "trainer", "Dockerfile.operator": "operator"}
 
 
 def instructions(path: Path) -> list[tuple[str, str]]:
@@ -72,21 +72,49 @@ def test_final_stage_runs_as_a_numeric_non_root_user(name):
     assert uid.isdigit() and int(uid) != 0, f"{name}: USER {users[-1]}"
 
 
-@pytest.mark.parametrize(("name", "requirements"), DOCKERFILES.items())
-def test_packages_come_from_the_requirements_ci_installs(name, requirements):
+def pip_installs(name: str) -> list[list[str]]:
+    """The arguments of each `pip install` of the Dockerfile's RUN instructions."""
     runs = "\n".join(args for word, args in instructions(REPO / name) if word == "RUN")
-    assert f"-r requirements/{requirements}" in runs
-    for command in re.findall(r"pip install ([^&;\n]+)", runs):
-        # Only requirement files, the project itself, pip's own tooling, or a pin read out
-        # of a requirements file may be installed.
-        for arg in shlex.split(command):
-            if arg.startswith("-") or arg in {".", "pip", "setuptools", "wheel"}:
-                continue
-            assert arg.startswith("requirements/") or (arg.startswith("$(grep") and "requirements/" in arg), (
-                f"{name}: `pip install {command.strip()}` names a package outside requirements/"
-            )
+    return [shlex.split(command) for command in re.findall(r"pip install ([^&;\n]+)", runs)]
+
+
+@pytest.mark.parametrize(("name", "lock"), DOCKERFILES.items())
+def test_packages_come_only_from_the_locks_by_hash(name, lock):
+    """Every package of the image is a file whose sha256 its lock holds (--require-hashes),
+    and nothing the lock does not list is fetched (--no-deps); the project itself installs
+    with --no-deps. The locks are those of the files CI installs (tests/chart/test_locks.py)."""
+    installs = pip_installs(name)
+    locks = []
+    for args in installs:
+        if "." in args:
+            assert "--no-deps" in args, f"{name}: `pip install {' '.join(args)}` may fetch dependencies"
+            continue
+        assert "--require-hashes" in args and "--no-deps" in args, f"{name}: `pip install {' '.join(args)}`"
+        files = [args[i + 1] for i, arg in enumerate(args) if arg in ("-r", "--requirement")]
+        positional = [a for before, a in zip(["", *args], args)
+                      if not a.startswith("-") and before not in ("-r", "--requirement")]
+        assert files and not positional, f"{name}: `pip install {' '.join(args)}` names packages outside the locks"
+        locks += files
+    # The build tools first: the sdists of the image's lock build with build.lock's setuptools.
+    assert locks == ["requirements/build.lock", f"requirements/{lock}.lock"], locks
     install_script = (REPO / "scripts" / "install_venv.sh").read_text()
-    assert f"requirements/{requirements}" in install_script, "CI must install the same file"
+    for source in ("build", lock):
+        assert (REPO / "requirements" / f"{source}.lock").is_file()
+        assert f"requirements/{source}.txt" in install_script, "CI must install what the image's lock locks"
+
+
+@pytest.mark.parametrize("name", DOCKERFILES)
+def test_the_locks_a_stage_installs_are_copied_into_it(name):
+    stage: list[str] = []
+    for word, args in instructions(REPO / name):
+        if word == "FROM":
+            stage = []
+        elif word == "COPY" and "--from" not in args:
+            stage += args.split()[:-1]
+        elif word == "RUN":
+            for lock in re.findall(r"-r (requirements/\S+)", args):
+                assert any(lock == s or lock.startswith(s.rstrip("/") + "/") for s in stage), (
+                    f"{name}: RUN installs {lock} before COPYing it")
 
 
 def final_user(name: str) -> int:

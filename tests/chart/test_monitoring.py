@@ -17,12 +17,15 @@ METRIC = re.compile(r"\bbloomrun_[a-z0-9_]+\b")
 REQUIRED_ALERTS = {
     "BloomRunNoProgress", "BloomRunLossNonFinite", "BloomRunLossSpike", "BloomRunRestartsRising",
     "BloomRunCheckpointStale", "BloomRunLowMFU", "BloomRunStuckPending", "BloomRunBudgetNearlySpent",
+    "BloomRunStraggler", "BloomRunLowGoodput",
 }
 REQUIRED_PANELS = {
     "Tokens/s", "Model TFLOP/s per GPU", "MFU", "Loss", "Learning rate", "Gradient norm",
     "Step progress", "ETA", "Nodes ready vs desired", "Restarts by reason", "Checkpoint age",
-    "Checkpoint save time", "GPU-hours used vs budget",
+    "Checkpoint save time", "GPU-hours used vs budget", "Goodput", "GPU-hours by use", "Per-rank compute time",
 }
+REQUIRED_STUDY_PANELS = {"Loss per arm", "Zero-shot accuracy vs tokens per arm", "GPU-hours per arm vs the study's budget"}
+STUDY_ARMS = 'bloomrun_study_arm_info{namespace=~"$namespace", study=~"$study"}'
 
 
 def contract_metrics() -> set[str]:
@@ -44,7 +47,15 @@ def dashboard() -> dict:
 
 
 def panel_exprs(board: dict) -> dict[str, list[str]]:
-    return {panel["title"]: [target["expr"] for target in panel["targets"]] for panel in board["panels"]}
+    return {panel["title"]: [target["expr"] for target in panel["targets"]]
+            for panel in board["panels"] if panel["type"] != "row"}
+
+
+def study_row_titles(board: dict) -> set[str]:
+    """The panels below the "Study" row (an expanded row holds the panels under it, by position)."""
+    row = next(panel for panel in board["panels"] if panel["type"] == "row" and panel["title"] == "Study")
+    return {panel["title"] for panel in board["panels"]
+            if panel["type"] != "row" and panel["gridPos"]["y"] > row["gridPos"]["y"]}
 
 
 def test_alerts_and_panels_use_only_metric_names_of_the_contract():
@@ -74,16 +85,33 @@ def test_alert_thresholds_come_from_values():
 def test_dashboard_has_the_required_panels_and_filters_every_run_query_by_the_variables():
     board = dashboard()
     variables = {var["name"] for var in board["templating"]["list"]}
-    assert {"namespace", "run"} <= variables
+    assert {"namespace", "run", "study"} <= variables
     exprs = panel_exprs(board)
     assert REQUIRED_PANELS <= set(exprs)
+    study_panels = study_row_titles(board)
+    assert study_panels == REQUIRED_STUDY_PANELS
     operator_wide = {"bloomrun_operator_runs", "bloomrun_operator_reconcile_duration_seconds_bucket"}
     for title, queries in exprs.items():
         for query in queries:
+            if title in study_panels:
+                assert_filtered_by_the_study(title, query)
+                continue
             for metric in set(METRIC.findall(query)) - operator_wide:
                 assert re.search(rf'{metric}\{{namespace=~"\$namespace", run=~"\$run"', query), (title, metric)
     ids = [panel["id"] for panel in board["panels"]]
     assert len(ids) == len(set(ids)), "panel ids must be unique"
+
+
+def assert_filtered_by_the_study(title: str, query: str) -> None:
+    """A study panel picks its runs by $study, not $run: a study's metric is filtered by the
+    study, a run's metric by the namespace and joined to the arms of the chosen studies (the
+    join keeps only their runs and names each by its arm)."""
+    for metric in set(METRIC.findall(query)):
+        if metric.startswith("bloomrun_study_"):
+            assert re.search(rf'{metric}\{{namespace=~"\$namespace", study=~"\$study"\}}', query), (title, metric)
+        else:
+            assert re.search(rf'{metric}\{{namespace=~"\$namespace"\}}', query), (title, metric)
+            assert f"on (namespace, run) group_left (study, arm) {STUDY_ARMS}" in query, (title, metric)
 
 
 # Synthetic series, one per minute: `promtool test rules` evaluates the real rendered rules
@@ -119,6 +147,22 @@ ALERT_CASES = textwrap.dedent(f"""
             values: '0+1x35'
           - series: 'bloomrun_run_gpu_budget_seconds{{{OPERATOR}}}'
             values: '32x35'
+          # Three ranks of r1; rank 2 (on node n2) computes 3x as long from 5m on.
+          - series: 'bloomrun_train_rank_compute_seconds{{{TRAINER}, rank="0", host="n0"}}'
+            values: '0.1x35'
+          - series: 'bloomrun_train_rank_compute_seconds{{{TRAINER}, rank="1", host="n0"}}'
+            values: '0.1x35'
+          - series: 'bloomrun_train_rank_compute_seconds{{namespace="team", run="r1", node_rank="1", rank="2", host="n2"}}'
+            values: '0.1x5 0.3x30'
+          # r3 runs at 95% goodput, then 50% from 10m; r4 ended at 50% and must stay quiet.
+          - series: 'bloomrun_run_goodput_ratio{{namespace="team", run="r3"}}'
+            values: '0.95x10 0.5x80'
+          - series: 'bloomrun_run_phase{{namespace="team", run="r3", phase="Running"}}'
+            values: '1x90'
+          - series: 'bloomrun_run_goodput_ratio{{namespace="team", run="r4"}}'
+            values: '0.5x90'
+          - series: 'bloomrun_run_phase{{namespace="team", run="r4", phase="Running"}}'
+            values: '0x90'
         alert_rule_test:
           - {{eval_time: 4m, alertname: BloomRunNoProgress, exp_alerts: []}}
           - eval_time: 30m
@@ -152,6 +196,14 @@ ALERT_CASES = textwrap.dedent(f"""
           - eval_time: 30m
             alertname: BloomRunBudgetNearlySpent
             exp_alerts: [{{exp_labels: {{severity: info, namespace: team, run: r1}}}}]
+          - {{eval_time: 19m, alertname: BloomRunStraggler, exp_alerts: []}}
+          - eval_time: 21m
+            alertname: BloomRunStraggler
+            exp_alerts: [{{exp_labels: {{severity: warning, namespace: team, run: r1, rank: "2", host: n2}}}}]
+          - {{eval_time: 69m, alertname: BloomRunLowGoodput, exp_alerts: []}}
+          - eval_time: 71m
+            alertname: BloomRunLowGoodput
+            exp_alerts: [{{exp_labels: {{severity: warning, namespace: team, run: r3}}}}]
 """)
 
 

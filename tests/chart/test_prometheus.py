@@ -17,12 +17,15 @@ import yaml
 from kubernetes import client
 
 from tests.chart.helm import DASHBOARD_SOURCE, REPO, rendered_rules
+from bloomrun.eval import message
 from tests.chart.operator_process import apply_run, chart_release, probe_run, running_operator, wait_for_phase
+from tests.cluster.nodes import POOLS
 from tests.cluster.processes import Child, free_port, wait_until
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 TRAINED_RUN = "prom-trainer"  # the local training run (namespace "local")
+STUDY = "prom"  # a BloomStudy whose first arm, "operator", is the cluster run below
 CLUSTER_RUN = "prom-operator"  # the BloomRun the operator reconciles on the test cluster
 # Thresholds that make three alerts fire within seconds on healthy data: the run's MFU is
 # far below 1e6, its budget of 1 GPU-hour is more than 0.001 spent after ~0.5 s on 8 GPUs,
@@ -88,7 +91,15 @@ def stack(cluster, tmp_path_factory, team_namespace):
     rules.write_text(yaml.safe_dump(rendered_rules({"alerts": PROVOKING_THRESHOLDS})))
     prometheus = cluster.start_prometheus([
         {"job_name": "trainer", "honor_labels": True,
-         "static_configs": [{"targets": [f"127.0.0.1:{trainer_port}"]}]},
+         # The cluster run's pods run no trainer (kwok), so the local trainer is scraped a
+         # second time as that run's trainer, as its pods would report: the study panels join
+         # the arm's loss by (namespace, run).
+         "static_configs": [{"targets": [f"127.0.0.1:{trainer_port}"]},
+                            {"targets": [f"127.0.0.1:{trainer_port}"], "labels": {"as_run": f"{team}/{CLUSTER_RUN}"}}],
+         "metric_relabel_configs": [
+             {"source_labels": ["as_run"], "regex": "(.+)/(.+)", "target_label": "namespace", "replacement": "$1"},
+             {"source_labels": ["as_run"], "regex": "(.+)/(.+)", "target_label": "run", "replacement": "$2"},
+             {"action": "labeldrop", "regex": "as_run"}]},
         {"job_name": "operator", "honor_labels": True,
          "static_configs": [{"targets": [f"127.0.0.1:{operator_port}"]}]},
     ], rule_files=[str(rules)])
@@ -98,29 +109,78 @@ def stack(cluster, tmp_path_factory, team_namespace):
                 running_operator(cluster, release, metrics_port=operator_port):
             manifest = probe_run(CLUSTER_RUN, gpu_hours_budget=1)
             manifest["spec"]["restartPolicy"] = {"backoffSeconds": 0}
-            apply_run(cluster, team, manifest)
+            # Evaluation on the CPU pool, so the evaluation series exist (one checkpoint scored).
+            cluster.create_pvc(team, "checkpoints")
+            manifest["spec"]["checkpointVolume"] = {"claimName": "checkpoints"}
+            manifest["spec"]["eval"] = {"tasks": ["bloomrun_stories_order", "arc_easy"], "gpus": 0, "pool": {
+                "nodeSelector": POOLS["cpu"].selector, "tolerations": POOLS["cpu"].tolerations}}
+            # The run is the study's first arm: the study creates it (so the operator exports
+            # bloomrun_study_arm_info for it), then gets the evaluation's CPU pool, which a
+            # study's eval does not carry.
+            apply_run(cluster, team, study_manifest(manifest))
+            wait_until(lambda: cluster.kubectl("get", "bloomrun", CLUSTER_RUN, "-n", team, check=False).returncode == 0,
+                       60, f"the study creates {CLUSTER_RUN}", 0.5)
+            cluster.kubectl("patch", "bloomrun", CLUSTER_RUN, "-n", team, "--type", "merge",
+                            "-p", json.dumps({"spec": {"eval": manifest["spec"]["eval"]}}))
             wait_for_phase(cluster, team, CLUSTER_RUN, "Running")
             # One worker failure, so restarts by reason have a series.
             core = client.CoreV1Api(cluster.api())
             pod = core.list_namespaced_pod(team, label_selector=f"bloomrun.io/run={CLUSTER_RUN}").items[0]
             cluster.fail_pod(team, pod.metadata.name, reason="OOMKilled")
+            score_a_checkpoint(cluster, team, CLUSTER_RUN)
             try:
                 yield prometheus
             finally:
-                cluster.kubectl("delete", "bloomrun", CLUSTER_RUN, "-n", team, "--wait=false")
+                # The study's runs go with it (owner references).
+                cluster.kubectl("delete", "bloomstudy", STUDY, "-n", team, "--wait=false")
     finally:
         trainer.stop()
         prometheus.stop()
 
 
+def study_manifest(run: dict) -> dict:
+    """A BloomStudy whose arm "operator" is `run` (named <study>-<arm>) and whose second arm
+    waits for a slot (maxConcurrent 1; the first never finishes here), so nothing else runs."""
+    base = {key: value for key, value in run["spec"].items() if key not in ("eval", "budget")}
+    training = base["training"]
+    return {"apiVersion": "bloomrun.io/v1alpha1", "kind": "BloomStudy", "metadata": {"name": STUDY},
+            "spec": {"base": base, "maxConcurrent": 1,
+                     "arms": [{"name": CLUSTER_RUN.removeprefix(f"{STUDY}-"), "patch": {}},
+                              {"name": "rotary", "patch": {"model": {"position": "rotary"}}}],
+                     "compareAtTokens": training["trainSteps"] * training["globalBatchSize"] * 64,  # tiny: seq 64
+                     # Two arms of equal cost: each run's share is the run's budget as before.
+                     "budget": {"gpuHours": 2 * run["spec"]["budget"]["gpuHours"]},
+                     "eval": {"tasks": run["spec"]["eval"]["tasks"]}}}
+
+
+def score_a_checkpoint(cluster, namespace: str, run: str) -> None:
+    """The trainer reports checkpoint 10; its evaluation Job's pod ends with the summary
+    `bloomctl eval --summary-file` writes (kwok runs no container)."""
+    progress = {"step": 10, "targetSteps": 20, "tokens": 10240, "checkpointStep": 10, "checkpointTokens": 10240}
+    custom = client.CustomObjectsApi(cluster.api())
+    custom.patch_namespaced_custom_object_status("bloomrun.io", "v1alpha1", namespace, "bloomruns", run,
+                                                 {"status": {"progress": progress}})
+    core = client.CoreV1Api(cluster.api())
+
+    def running_eval_pod():
+        pods = core.list_namespaced_pod(namespace, label_selector=f"batch.kubernetes.io/job-name={run}-eval-10").items
+        return next((p.metadata.name for p in pods if p.status.phase == "Running"), None)
+    pod = wait_until(running_eval_pod, 60, "the evaluation pod of checkpoint 10", 0.5)
+    cluster.succeed_pod(namespace, pod, message=message.encode(10, 10240, 0.3, 0.0667,
+                                                                 {"bloomrun_stories_order": 0.35, "arc_easy": 0.25}))
+    custom_status = lambda: ((custom.get_namespaced_custom_object_status(  # noqa: E731
+        "bloomrun.io", "v1alpha1", namespace, "bloomruns", run).get("status") or {}).get("evaluation") or {})
+    wait_until(lambda: custom_status().get("scored") == 1, 60, "checkpoint 10 scored", 0.5)
+
+
 def dashboard_queries() -> list[tuple[str, str]]:
     board = json.loads(DASHBOARD_SOURCE.read_text())
-    return [(panel["title"], target["expr"]) for panel in board["panels"] for target in panel["targets"]]
+    return [(panel["title"], target["expr"]) for panel in board["panels"] for target in panel.get("targets", [])]
 
 
 def with_all_selected(query: str) -> str:
     """A panel query as Grafana sends it with "All" chosen for every variable."""
-    return query.replace("$namespace", ".*").replace("$run", ".*")
+    return query.replace("$namespace", ".*").replace("$run", ".*").replace("$study", ".*")
 
 
 @pytest.mark.parametrize(("title", "query"), dashboard_queries(),
@@ -132,7 +192,7 @@ def test_every_dashboard_query_returns_data(stack, title, query):
 
 def test_template_variables_list_the_trained_and_the_reconciled_run(stack, team_namespace):
     board = json.loads(DASHBOARD_SOURCE.read_text())
-    expected = {"namespace": {"local", team_namespace}, "run": {TRAINED_RUN, CLUSTER_RUN}}
+    expected = {"namespace": {"local", team_namespace}, "run": {TRAINED_RUN, CLUSTER_RUN}, "study": {STUDY}}
     for var in board["templating"]["list"]:
         if var["type"] != "query":
             continue

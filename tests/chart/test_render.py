@@ -160,7 +160,7 @@ def test_pod_monitor_selects_the_worker_pods_the_operator_builds():
 
     spec = BloomRunSpec.model_validate({
         "data": {"sources": [{"path": "/data/tiny"}]},
-        "training": {"trainSteps": 10, "globalBatchSize": 8, "microBatchSize": 2},
+        "training": {"trainSteps": 10, "globalBatchSize": 16, "microBatchSize": 2},  # 1 node x 8 GPUs
     })
     worker = desired_worker(Run(name="r", namespace="team", uid="u-1", generation=1, spec=spec), 0)
     monitor = only(render({"podMonitor": {"enabled": True}}), "PodMonitor")["spec"]
@@ -185,13 +185,88 @@ def test_should_keep_trainers_to_status_progress_with_the_generated_rule():
     from bloomrun.operator.policy import CHART_FILE, status_expression
 
     assert (REPO / CHART_FILE).read_text() == status_expression(), "run `make chart-crds`"
-    policy = only(render(), "ValidatingAdmissionPolicy")
+    policy = named(render(), "ValidatingAdmissionPolicy", "br-bloomrun-operator-trainer-status")
     assert policy["spec"]["validations"][0]["expression"].strip() == status_expression().strip()
     assert "gpuHours" in status_expression() and ".progress" not in status_expression()
-    binding = only(render(), "ValidatingAdmissionPolicyBinding")
+    binding = named(render(), "ValidatingAdmissionPolicyBinding", "br-bloomrun-operator-trainer-status")
     assert binding["spec"]["policyName"] == policy["metadata"]["name"]
     assert binding["spec"]["validationActions"] == ["Deny"]
-    assert not of_kind(render({"trainerStatusPolicy": {"enabled": False}}), "ValidatingAdmissionPolicy")
+    remaining = of_kind(render({"trainerStatusPolicy": {"enabled": False}}), "ValidatingAdmissionPolicy")
+    assert [p["metadata"]["name"] for p in remaining] == ["br-bloomrun-operator-runs"]
+
+
+def named(objects: list[dict], kind: str, name: str) -> dict:
+    found = [o for o in of_kind(objects, kind) if o["metadata"]["name"] == name]
+    assert len(found) == 1, f"expected one {kind} {name}, got {len(found)}"
+    return found[0]
+
+
+def operator_args(values: dict | None = None) -> list[str]:
+    return only(render(values), "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
+
+
+def test_should_refuse_runs_breaking_the_install_rules_with_the_generated_policy():
+    import yaml
+
+    from bloomrun.operator.admission import RunPolicy, render_validations, validations
+
+    objects = render()
+    policy = named(objects, "ValidatingAdmissionPolicy", "br-bloomrun-operator-runs")
+    assert policy["spec"]["validations"] == validations()
+    assert yaml.safe_load(render_validations()) == validations()
+    variables = {v["name"]: yaml.safe_load(v["expression"]) for v in policy["spec"]["variables"]}
+    default = RunPolicy()  # bloomctl validate's and the operator's defaults
+    assert variables == {"allowedPriorityClasses": list(default.allowed_priority_classes),
+                         "deniedTaintKeys": list(default.denied_taint_keys),
+                         "deniedNodeLabelKeys": list(default.denied_node_label_keys), "maxNodes": default.max_nodes}
+    resources = policy["spec"]["matchConstraints"]["resourceRules"][0]
+    assert resources["resources"] == ["bloomruns"] and resources["operations"] == ["CREATE", "UPDATE"]
+    binding = named(objects, "ValidatingAdmissionPolicyBinding", "br-bloomrun-operator-runs")
+    assert binding["spec"]["validationActions"] == ["Deny"]
+    assert not [p for p in of_kind(render({"runPolicy": {"enabled": False}}), "ValidatingAdmissionPolicy")
+                if p["metadata"]["name"].endswith("-runs")]
+
+
+def test_should_give_the_operator_the_install_rules_as_flags():
+    args = operator_args()
+    assert "--max-nodes=128" in args and "--allowed-priority-classes=" in args
+    assert "--denied-taint-keys=node-role.kubernetes.io/control-plane,node-role.kubernetes.io/master" in args
+    custom = operator_args({"runPolicy": {"maxNodes": 16, "allowedPriorityClasses": ["research", "prod"],
+                                          "deniedTaintKeys": [], "deniedNodeLabelKeys": ["gpu.corp/reserved"]}})
+    assert {"--max-nodes=16", "--allowed-priority-classes=research,prod", "--denied-taint-keys=",
+            "--denied-node-label-keys=gpu.corp/reserved"} <= set(custom)
+    from bloomrun.operator.__main__ import parse_args, run_policy  # the operator reads them back
+
+    policy = run_policy(parse_args([a for a in custom if a.startswith(("--max", "--allowed", "--denied"))]))
+    assert policy.max_nodes == 16 and policy.allowed_priority_classes == ("research", "prod")
+    assert policy.denied_taint_keys == () and policy.denied_node_label_keys == ("gpu.corp/reserved",)
+    assert "maxNodes" in render_error({"runPolicy": {"maxNodes": 5000}})
+
+
+def test_should_refuse_to_run_the_operator_as_the_namespaces_default_account():
+    for mode in ({}, {"watchNamespaces": ["team-a"]}):
+        message = render_error({**mode, "serviceAccount": {"create": False}})
+        assert "serviceAccount.name is required when serviceAccount.create is false" in message
+    objects = render({"serviceAccount": {"create": False, "name": "ops-bloomrun"}})
+    assert not of_kind(objects, "ServiceAccount")
+    assert only(objects, "ClusterRoleBinding")["subjects"][0]["name"] == "ops-bloomrun"
+    assert only(objects, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"] == "ops-bloomrun"
+
+
+def test_should_not_grant_reading_single_pods():
+    """The operator only lists and watches pods (kube.py never GETs one)."""
+    for values in ({}, {"watchNamespaces": ["a"]}):
+        pods = [r for r in rbac_rules(render(values)) if "pods" in r["resources"]]
+        assert pods and all(set(r["verbs"]) == {"list", "watch", "create", "delete"} for r in pods)
+
+
+def test_should_pull_images_by_digest_when_one_is_given():
+    digest = "sha256:" + "ab" * 32
+    objects = render({"image": {"digest": digest, "tag": "ignored"}, "trainerImage": {"digest": digest}})
+    container = only(objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    assert container["image"] == f"ghcr.io/bloomrun/bloomrun-operator@{digest}"
+    assert f"--trainer-image=ghcr.io/bloomrun/trainer@{digest}" in container["args"]
+    assert "digest" in render_error({"image": {"digest": "latest"}})
 
 
 def test_should_give_the_operator_the_trainer_image_of_runs_that_name_none():

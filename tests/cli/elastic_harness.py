@@ -25,7 +25,7 @@ DEMO_DATA = REPO / "examples" / "data"
 
 STEP_LINE = re.compile(r"step (\d+)/(\d+) \| loss (\S+)")
 RESUMED_LINE = re.compile(r"resumed from \S+: step (\d+)")
-WORLD_LINE = re.compile(r"(\d+) ranks on ")
+WORLD_LINE = re.compile(r"(\d+) ranks \(TP \d+ x DP \d+\) on ")  # the trainer's start line (trainer.py)
 
 
 def tiny_manifest(tmp: Path, *, steps: int, every: int, name: str = "tiny") -> Path:

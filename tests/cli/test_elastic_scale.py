@@ -8,6 +8,7 @@ take 46 s; the launcher's settings fix both (bloomrun/trainer/elastic.py)."""
 
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -202,3 +203,33 @@ def test_with_the_store_apart_losing_the_first_node_leaves_the_other_training(tm
         for agent in cluster.started:
             agent.kill_all()
         store.kill_all()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_store_restarted_on_its_port_is_not_rejoined_every_agent_saves_and_exits(tmp_path):
+    """What a deleted store pod does to its run (docs/operator.md, "No worker is special"): the
+    agents' TCPStore client never reconnects, even once a new, empty store listens on the same
+    port, so each agent stops its worker with SIGTERM (the trainer saves the step reached) and
+    exits 1, which the operator retries. Were an agent to go on, a replacement would form a
+    second group in the new store's empty rendezvous."""
+    cluster = Cluster(tmp_path)
+    checkpoints = tmp_path / "checkpoints"
+    port = cluster.endpoint.rsplit(":", 1)[1]
+    command = [sys.executable, "-m", "bloomrun.trainer.rendezvous_store", f"--port={port}"]
+    stores = [Started(command, tmp_path / "store.log", dict(os.environ))]
+    try:
+        wait_until(lambda: "listening" in stores[0].text(), 60, "the store")
+        agents = [cluster.agent("a", is_host=False), cluster.agent("b", is_host=False)]
+        wait_until(lambda: cluster.starts() and newest_checkpoint_step(checkpoints) >= EVERY, 240, "two nodes training")
+        stores[0].kill_all()
+        stores.append(Started(command, tmp_path / "store-2.log", dict(os.environ)))
+        wait_until(lambda: "listening" in stores[1].text(), 60, "the new store")
+        wait_until(lambda: all(agent.proc.poll() is not None for agent in agents), 120, "both agents to exit")
+        assert [agent.proc.returncode for agent in agents] == [1, 1]
+        saved = [int(m) for agent in agents for m in re.findall(r"SIGTERM: checkpoint at step (\d+) saved", agent.text())]
+        assert saved and max(saved) == newest_checkpoint_step(checkpoints) == cluster.last("step"), saved
+        assert len(cluster.starts()) == 1, "no agent formed a new group"
+    finally:
+        for started in cluster.started + stores:
+            started.kill_all()

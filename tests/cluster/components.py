@@ -58,7 +58,9 @@ def apiserver(layout: Layout, ports: Ports) -> list[str]:
     return [
         str(layout.bin / "kube-apiserver"),
         f"--etcd-servers=http://127.0.0.1:{ports.etcd_client}",
-        "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1",
+        # 0.0.0.0: the real nodes' pods reach it through the `kubernetes` Service's address,
+        # which real_network.py DNATs to the machine's address (no kube-proxy here).
+        "--bind-address=0.0.0.0", "--advertise-address=127.0.0.1",
         f"--secure-port={ports.apiserver}", f"--cert-dir={layout.root / 'apiserver'}",
         f"--tls-cert-file={cert}", f"--tls-private-key-file={key}",
         f"--client-ca-file={pki.ca}",

@@ -52,6 +52,15 @@ def iptables_rules() -> str | None:
     return "\n".join(line for line in out.splitlines() if not line.startswith("#"))
 
 
+def nft_tables(nft: str | None) -> set[str] | None:
+    """`family name` of every nftables table, or None without an nft program. The real
+    nodes' Service NAT is a table per node set (real_config.service_nat)."""
+    if nft is None:
+        return None
+    out = subprocess.run([nft, "list", "tables"], capture_output=True, text=True, check=True)
+    return {line.split(None, 1)[1] for line in out.stdout.splitlines() if line.startswith("table ")}
+
+
 def links() -> set[str]:
     return set(os.listdir("/sys/class/net"))
 
@@ -77,16 +86,19 @@ class HostState:
     paths: dict[str, bool]
     mounts: set[str]
     watched: tuple[str, ...]  # where mounts are looked for: FIXED_PATHS and the nodes' folder
+    nft: set[str] | None = None  # nftables tables (`ip bloomrun-<tag>`); None: no nft program
+    nft_bin: str | None = None
 
     @classmethod
-    def capture(cls, under: tuple[str, ...] = ()) -> "HostState":
+    def capture(cls, under: tuple[str, ...] = (), nft: str | None = None) -> "HostState":
         watched = FIXED_PATHS + tuple(under)
         return cls(sysctls(), iptables_rules(), links(), top_cgroups(),
-                   {p: os.path.lexists(p) for p in FIXED_PATHS}, mounts(watched), watched)
+                   {p: os.path.lexists(p) for p in FIXED_PATHS}, mounts(watched), watched,
+                   nft_tables(nft), nft)
 
     def again(self) -> "HostState":
         """The host now, looked at the same way."""
-        return HostState.capture(self.watched[len(FIXED_PATHS):])
+        return HostState.capture(self.watched[len(FIXED_PATHS):], self.nft_bin)
 
     def differences(self, other: "HostState", shared: bool = False,
                     own: tuple[str, ...] = ()) -> list[str]:
@@ -113,11 +125,14 @@ class HostState:
             found += [f"new cgroup {controller}/{n}"
                       for n in sorted(names - self.cgroups.get(controller, set())) if ours(n)]
         found += [f"new mount {m}" for m in sorted(other.mounts - self.mounts)]
+        if self.nft is not None and other.nft is not None:
+            found += [f"new nft table {t}" for t in sorted(other.nft - self.nft)
+                      if ours(t.split()[-1])]
         return found
 
     def restore(self, cgroup_prefix: str, link_prefix: str, shared: bool = False) -> list[str]:
         """Puts back what the real nodes changed: sysctls, iptables, their bridges (links
-        named `link_prefix*`), cgroups named `cgroup_prefix*`,
+        named `link_prefix*`), cgroups and nftables tables named `cgroup_prefix*`,
         mounts below new paths, fixed paths that did not exist. Returns what it could not.
         With `shared` (another session's nodes still run) sysctls, iptables and the fixed
         paths are left to whichever session stops last: they are in use."""
@@ -135,6 +150,10 @@ class HostState:
         for name in sorted(now.links - self.links):
             if name.startswith(link_prefix):
                 subprocess.run(["ip", "link", "delete", name], capture_output=True)
+        for table in sorted((now.nft or set()) - (self.nft or set())):
+            if table.split()[-1].startswith(cgroup_prefix):  # bloomrun-<tag>: this set's NAT
+                subprocess.run([self.nft_bin, "delete", "table", *table.split()],
+                               capture_output=True)
         for mount in sorted(now.mounts - self.mounts, key=len, reverse=True):
             subprocess.run(["umount", "-l", mount], capture_output=True)
         for controller, names in now.cgroups.items():

@@ -30,9 +30,12 @@ class Levers:
     def set_node_ready(self, name: str, ready: bool) -> None:
         """Makes a node NotReady (as when its kubelet stops reporting) or Ready again.
 
-        NotReady: kwok stops managing the node (its annotation goes, so no lease renewals
-        and no re-initialisation) and the Ready condition turns False; the node lifecycle
-        controller then taints it and marks its pods not ready. Ready: kwok takes over again.
+        NotReady: the node's kwok annotation goes (no re-initialisation) and the Ready
+        condition turns False; the node lifecycle controller then taints it. Ready: kwok takes
+        over again. kwok v0.8.0 still renews the node's lease and still removes its pods once
+        deleted, where a real kubelet that is gone would confirm nothing: a test that needs
+        that uses a node kwok never managed and plays its kubelet itself
+        (tests/operator/test_operator_e2e.py, the stuck Terminating worker).
         """
         if ready:
             self._core.patch_node(name, {"metadata": {"annotations": {KWOK_ANNOTATION: "fake"}}},
@@ -54,20 +57,20 @@ class Levers:
     # -- pods ------------------------------------------------------------------------------
 
     def fail_pod(self, namespace: str, name: str, exit_code: int | None = None,
-                 reason: str | None = None) -> None:
+                 reason: str | None = None, message: str | None = None) -> None:
         """Ends a pod as Failed the way a kubelet reports it: containers terminated with
-        `exit_code` (default 1; 137 for OOMKilled and Evicted) and `reason` ("OOMKilled",
-        "Error", ...), or evicted (`reason="Evicted"`). kwok leaves it so."""
+        `exit_code` (default 1; 137 for OOMKilled and Evicted), `reason` ("OOMKilled",
+        "Error", ...) and termination `message`, or evicted (`reason="Evicted"`). kwok leaves it so."""
         pod = self._core.read_namespaced_pod(name, namespace).to_dict(serialize=True)
-        status = pods.failed_status(pod, exit_code, reason)
+        status = pods.failed_status(pod, exit_code, reason, message)
         self._core.patch_namespaced_pod_status(name, namespace, {"status": status},
                                                _content_type=STRATEGIC)
 
-    def succeed_pod(self, namespace: str, name: str) -> None:
-        """Ends a pod as Succeeded: every container exited 0."""
+    def succeed_pod(self, namespace: str, name: str, message: str | None = None) -> None:
+        """Ends a pod as Succeeded: every container exited 0 (leaving termination `message`)."""
         pod = self._core.read_namespaced_pod(name, namespace).to_dict(serialize=True)
         self._core.patch_namespaced_pod_status(name, namespace,
-                                               {"status": pods.succeeded_status(pod)},
+                                               {"status": pods.succeeded_status(pod, message)},
                                                _content_type=STRATEGIC)
 
     def wait_for_pod(self, namespace: str, name: str, predicate, timeout: float = 30,

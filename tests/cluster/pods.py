@@ -41,10 +41,11 @@ def _conditions(reason: str, extra: list[dict]) -> list[dict]:
                     for kind in ("Ready", "ContainersReady")]
 
 
-def failed_status(pod: dict, exit_code: int | None = None, reason: str | None = None) -> dict:
+def failed_status(pod: dict, exit_code: int | None = None, reason: str | None = None,
+                  message: str | None = None) -> dict:
     """The status of `pod` after its containers failed (with `reason` such as OOMKilled) or
     after the kubelet evicted it (`reason="Evicted"`). exit_code None means 1, or 137 for
-    OOMKilled and Evicted."""
+    OOMKilled and Evicted; `message` is the containers' termination message."""
     code = exit_code if exit_code is not None else _DEFAULT_EXIT.get(reason or "", 1)
     status: dict = {"phase": "Failed"}
     if reason == "Evicted":
@@ -59,10 +60,10 @@ def failed_status(pod: dict, exit_code: int | None = None, reason: str | None = 
             "when the pod was terminated")
     else:
         status["conditions"] = _conditions("PodFailed", [])
-        status["containerStatuses"] = _terminated(pod, code, reason or "Error", None)
+        status["containerStatuses"] = _terminated(pod, code, reason or "Error", message)
     return status
 
 
-def succeeded_status(pod: dict) -> dict:
+def succeeded_status(pod: dict, message: str | None = None) -> dict:
     return {"phase": "Succeeded", "conditions": _conditions("PodCompleted", []),
-            "containerStatuses": _terminated(pod, 0, "Completed", None)}
+            "containerStatuses": _terminated(pod, 0, "Completed", message)}

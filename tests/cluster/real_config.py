@@ -14,6 +14,7 @@ POOL = "real"
 # Pods land on a real node only when they ask to: other tests' pods, made for kwok's pools,
 # must never be scheduled where no image of theirs exists.
 REAL_NODE_TAINT = {"key": "bloomrun.io/real-node", "value": "true", "effect": "NoSchedule"}
+CLUSTER_DOMAIN = "cluster.local"
 CGROUP_CONTROLLERS = ("blkio", "cpu", "cpuacct", "cpuset", "devices", "freezer", "memory",
                       "pids", "systemd")
 
@@ -31,6 +32,7 @@ class RealNodeLayout:
     kubelet_port: int
     healthz_port: int
     bins: Path  # kubelet, containerd, runc, cni/
+    cluster_dns: str | None = None  # the kube-dns Service's IP (real_network.py); None: none
 
     @property
     def bridge(self) -> str:
@@ -148,7 +150,10 @@ def kubelet_config(node: RealNodeLayout) -> dict:
         # A full disk elsewhere on a shared machine must not evict test pods.
         "evictionHard": {"memory.available": "1Mi", "nodefs.available": "1%",
                          "imagefs.available": "1%", "nodefs.inodesFree": "1%"},
-        "clusterDomain": "cluster.local",
+        "clusterDomain": CLUSTER_DOMAIN,
+        # Without clusterDNS a ClusterFirst pod gets the host's resolv.conf, and the
+        # headless-service names the workers rendezvous at do not resolve.
+        **({"clusterDNS": [node.cluster_dns]} if node.cluster_dns else {}),
         "resolvConf": "/etc/resolv.conf",
         "serializeImagePulls": False,
         "shutdownGracePeriod": "0s",
@@ -169,6 +174,51 @@ def kubelet_argv(node: RealNodeLayout) -> list[str]:
 def containerd_argv(node: RealNodeLayout) -> list[str]:
     return [str(node.bins / "containerd"), f"--config={node.containerd_config_path}",
             "--log-level=warn"]
+
+
+def corefile(listen_ip: str, port: int, kubeconfig: Path) -> str:
+    """CoreDNS's config: the cluster's names from the API server (the kubernetes plugin,
+    what kube-dns Deployments run), on one address and port of the host. Nothing else is
+    answered: the pods have no business outside the cluster here."""
+    return f"""{CLUSTER_DOMAIN}:{port} in-addr.arpa:{port} {{
+    bind {listen_ip}
+    errors
+    kubernetes {CLUSTER_DOMAIN} in-addr.arpa {{
+        kubeconfig {kubeconfig}
+        pods insecure
+        ttl 5
+    }}
+}}
+"""
+
+
+@dataclass(frozen=True)
+class Forward:
+    """A Service address the pods use, and where on the host its one endpoint listens."""
+
+    service_ip: str
+    port: int
+    protocol: str  # tcp or udp
+    to_ip: str
+    to_port: int
+
+
+def nat_table(tag: str) -> str:
+    return f"bloomrun-{tag}"
+
+
+def service_nat(tag: str, forwards: list[Forward]) -> str:
+    """An nft script: DNAT of Service addresses for packets coming from this node set's
+    bridges (`br<tag>*`) only, what kube-proxy's rules would do for these Services. A
+    table per node set, so that two test sessions' rules never meet and each deletes only
+    its own."""
+    rules = "\n".join(
+        f'        iifname "br{tag}*" ip daddr {f.service_ip} {f.protocol} dport {f.port} '
+        f"dnat to {f.to_ip}:{f.to_port}" for f in forwards)
+    return (f"table ip {nat_table(tag)} {{\n"
+            "    chain prerouting {\n"
+            "        type nat hook prerouting priority dstnat; policy accept;\n"
+            f"{rules}\n    }}\n}}\n")
 
 
 def toml(table: dict, prefix: str = "") -> str:

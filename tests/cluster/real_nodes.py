@@ -15,18 +15,20 @@ it fails halfway. Pure configuration lives in real_config.py.
 import ipaddress
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import yaml
 from kubernetes import client
 
 from tests.cluster import host_state, kubeconfig
-from tests.cluster.binaries import ensure_node_built
+from tests.cluster.binaries import ensure_net_built, ensure_netpol_built, ensure_node_built
 from tests.cluster.host_state import HostState
 from tests.cluster.oci import ImageSpec, write_archive
 from tests.cluster.pki import add_client
@@ -34,6 +36,7 @@ from tests.cluster.processes import Child, free_ports, wait_until
 from tests.cluster.real_config import (CGROUP_CONTROLLERS, PAUSE_IMAGE, POOL, REAL_NODE_TAINT,
                                        RealNodeLayout, cni_config, containerd_argv,
                                        containerd_config, kubelet_argv, kubelet_config, toml)
+from tests.cluster.real_network import ClusterNetwork
 
 PROBE_IMAGE = "bloomrun.local/probe:1"
 # The tunables a kubelet sets at start and never looks at again: put back as soon as the
@@ -196,6 +199,7 @@ class RealNodes:
         self.host: HostState | None = None
         self.nodes: list[RealNode] = []
         self.images_dir = self.root / "images"
+        self.network: ClusterNetwork | None = None
         self.start_seconds: float | None = None
 
     # -- what tests use --------------------------------------------------------------------
@@ -220,9 +224,28 @@ class RealNodes:
 
     def import_image(self, archive: Path) -> None:
         """Imports an OCI/Docker archive into every node's containerd (refer to it by its
-        fully qualified name, with imagePullPolicy Never or IfNotPresent)."""
-        for node in self.nodes:
-            node.import_image(archive)
+        fully qualified name, with imagePullPolicy Never or IfNotPresent), all nodes at
+        once: the trainer image's layers take minutes to unpack into each."""
+        with ThreadPoolExecutor(len(self.nodes)) as pool:
+            list(pool.map(lambda node: node.import_image(archive), self.nodes))
+
+    def lose_node(self, name: str) -> None:
+        """The machine goes away: its kubelet, containerd and every container stop at once
+        (no SIGTERM reaches the pods). The Node object stays; the node controller marks it
+        NotReady when its heartbeats stop."""
+        self._node(name).stop()
+
+    def return_node(self, name: str) -> None:
+        """The lost machine comes back: containerd and the kubelet start again on the same
+        folders; the kubelet finds its pods' containers gone and reports them."""
+        node = self._node(name)
+        node.start_containerd()
+        node.start_kubelet()
+        core = client.CoreV1Api(self.cluster.api())
+        self.cluster.wait(lambda: self._check() or _ready(core, name), 120, f"{name} Ready again")
+
+    def _node(self, name: str) -> "RealNode":
+        return next(node for node in self.nodes if node.name == name)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -230,9 +253,9 @@ class RealNodes:
         """Captures the host's state first, so that stop() can put it back even when
         start fails partway (call stop() in a finally/finalizer registered before this)."""
         began = time.monotonic()
-        self.host = HostState.capture(under=(str(self.root),))
+        bins, net_bins, netpol_bins = ensure_node_built(), ensure_net_built(), ensure_netpol_built()
+        self.host = HostState.capture(under=(str(self.root),), nft=str(net_bins / "nft"))
         host_state.join(self.tag, self.host)
-        bins = ensure_node_built()
         self.root.mkdir(parents=True)
         self.images_dir.mkdir()
         archives = [write_archive(spec, self.images_dir / f"{spec.name.split('/')[-1]}.tar")
@@ -241,12 +264,16 @@ class RealNodes:
         subnets = free_subnets(self.count, self.tag)
         ports = free_ports(2 * self.count)
         self._bind_node_role()
+        self.network = ClusterNetwork(self.cluster, self.tag, ip, net_bins, self.root / "network",
+                                      netpol_bins, f"real-{self.tag}-0")
+        self.network.start()
         for index in range(self.count):
             name = f"real-{self.tag}-{index}"
             layout = RealNodeLayout(root=self.root / name, name=name, tag=self.tag,
                                     index=index, node_ip=ip, subnet=subnets[index],
                                     kubelet_port=ports[2 * index],
-                                    healthz_port=ports[2 * index + 1], bins=bins)
+                                    healthz_port=ports[2 * index + 1], bins=bins,
+                                    cluster_dns=self.network.dns_ip)
             node = RealNode(layout, self.cluster.layout.logs)
             self.nodes.append(node)
             node.prepare(self.cluster.server, self.cluster.layout.pki.ca, self.cluster.layout.pki)
@@ -290,6 +317,8 @@ class RealNodes:
         what differs from the state captured at start (empty when all is restored)."""
         for node in reversed(self.nodes):
             node.stop()
+        if self.network is not None:
+            self.network.stop()
         try:
             core = client.CoreV1Api(self.cluster.api())
             for name in self.names:
@@ -303,6 +332,12 @@ class RealNodes:
         # Other node sets may run beside these (this session's, another clone's test run):
         # what all share (sysctls, iptables, fixed paths) is put back by the last to stop,
         # to the state the first one found (host_state.join/leave).
+        # The nodes' image stores go now, passing or failing: the cluster keeps a failed
+        # session's folder for its logs, and with the trainer image imported each node's
+        # containerd holds ~10 GB (two failed sessions filled this machine's disk).
+        for node in self.nodes:
+            shutil.rmtree(node.layout.root / "containerd", ignore_errors=True)
+        shutil.rmtree(self.images_dir, ignore_errors=True)
         failures = self.host.restore(cgroup_prefix=f"bloomrun-{self.tag}",
                                      link_prefix=f"br{self.tag}", shared=True)
         leftovers = self.host.differences(self.host.again(), shared=True, own=self.own_prefixes)

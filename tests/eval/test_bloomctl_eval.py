@@ -94,3 +94,21 @@ def test_bad_input_is_one_line_and_exit_2(trained_run, tmp_path, capsys):
     err = refused(str(trained_run), "--tasks", "copa", "--task-data-dir", str(staged))
     assert err.startswith("bloomctl eval: error: task copa: its data is not staged"), err
     assert "no such folder" in refused(str(trained_run), "--task-data-dir", str(tmp_path / "absent"))
+
+
+def test_a_checkpoint_removed_before_its_evaluation_says_so(tmp_path, capsys):
+    """The evaluation Job's case: the step folder it was made for is gone (deleted by hand;
+    the trainer's pruning keeps one whose evaluation is pending). Bad input: exit 2, one line
+    that the operator records in status.evaluation.lastFailure."""
+    (tmp_path / "checkpoints").mkdir()
+    summary = tmp_path / "summary"
+    gone = tmp_path / "checkpoints" / "step-00000600"
+    assert main(["eval", str(gone), "--summary-file", str(summary)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"bloomctl eval: error: {gone}: no such checkpoint: it was removed before it could be scored "
+                   "(deleted, or pruned by checkpoint.keepLast without the run's status saying its evaluation "
+                   "was pending)"), err
+    assert "removed before it could be scored" in summary.read_text()
+    # Any other missing path keeps the general message.
+    assert main(["eval", str(tmp_path / "nope")]) == 2
+    assert "no such run folder or checkpoint" in capsys.readouterr().err

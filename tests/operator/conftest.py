@@ -10,7 +10,11 @@ from bloomrun.operator.spec import BloomRunSpec
 TINY_SPEC = {
     "model": {"preset": "tiny"},
     "data": {"sources": [{"path": "examples/data/tiny"}]},
-    "training": {"trainSteps": 20, "globalBatchSize": 8, "microBatchSize": 2},
+    # 48 sequences of 1 split over 1, 2 or 3 nodes of 8 GPUs (8, 16, 24 ranks): every world
+    # size of the node ranges these tests use (a spec must divide over each, spec.py).
+    "training": {"trainSteps": 20, "globalBatchSize": 48, "microBatchSize": 1},
+    # Shared by the nodes of multi-node runs (spec.py refuses those without one).
+    "checkpointVolume": {"claimName": "checkpoints"},
 }
 
 

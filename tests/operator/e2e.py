@@ -22,15 +22,26 @@ from tests.cluster.processes import wait_until as wait_for  # the suite's one po
 
 REPO = Path(__file__).resolve().parents[2]
 TIMER_S = 1.0
+CHECKPOINT_CLAIM = "checkpoints"
 
 BASE_SPEC = {
     "model": {"preset": "tiny"},
     "data": {"sources": [{"path": "/data/tiny_text_document"}]},
-    "training": {"trainSteps": 100, "globalBatchSize": 16, "microBatchSize": 8},
+    # 96 sequences of 1 split over 1-4 nodes of 8 GPUs, every size the tests' ranges allow.
+    "training": {"trainSteps": 100, "globalBatchSize": 96, "microBatchSize": 1},
     "image": "ghcr.io/bloomrun/trainer:test",
     "gpusPerNode": 8,
     "restartPolicy": {"backoffSeconds": 1, "maxRestarts": 5},
 }
+
+
+def install_crds(cluster) -> None:
+    """The repository's CRDs (BloomRun, BloomStudy, kopf's peerings), applied and Established."""
+    names = ("bloomrun.io_bloomruns.yaml", "bloomrun.io_bloomstudies.yaml", "kopf.dev_peerings.yaml")
+    for name in names:
+        cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds" / name))
+    cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/bloomruns.bloomrun.io",
+                    "crd/bloomstudies.bloomrun.io", "crd/clusterkopfpeerings.kopf.dev")
 
 
 class Operator:
@@ -75,10 +86,11 @@ class Operator:
 
 
 class Runs:
-    """BloomRuns and their children in one test namespace, through the admin API."""
+    """BloomRuns and their children in one test namespace, through the admin API. A wait
+    that times out says the run's status and, given the `operator` serving it, its log."""
 
-    def __init__(self, cluster, namespace: str):
-        self.cluster, self.namespace = cluster, namespace
+    def __init__(self, cluster, namespace: str, operator: Operator | None = None):
+        self.cluster, self.namespace, self.operator = cluster, namespace, operator
         api = cluster.api()
         self.custom = client.CustomObjectsApi(api)
         self.core = client.CoreV1Api(api)
@@ -103,8 +115,21 @@ class Runs:
 
     # -------------------------------------------------------------------- runs
 
+    def checkpoint_claim(self) -> dict:
+        """The namespace's checkpoint claim (created and Bound on first use): the nodes of a
+        multi-node run share their checkpoints through one (spec.py refuses them without)."""
+        try:
+            self.core.read_namespaced_persistent_volume_claim(CHECKPOINT_CLAIM, self.namespace)
+        except client.ApiException as err:
+            if err.status != 404:
+                raise
+            self.cluster.create_pvc(self.namespace, CHECKPOINT_CLAIM)
+        return {"claimName": CHECKPOINT_CLAIM}
+
     def manifest(self, name: str, nodes: list[str], min_nodes: int, max_nodes: int, **spec) -> dict:
         body = copy.deepcopy(BASE_SPEC) | {"nodes": {"min": min_nodes, "max": max_nodes}}
+        if max_nodes > 1 and "checkpointVolume" not in spec:
+            body["checkpointVolume"] = self.checkpoint_claim()
         body["pool"] = {
             "nodeSelector": {"bloomrun.io/pool": "a100-80gb"},
             # Only this test's nodes: the pools are shared with the rest of the suite.
@@ -134,14 +159,20 @@ class Runs:
         return self.get(name).get("status") or {}
 
     def wait_status(self, name: str, predicate, timeout: float = 30, what: str = "a status") -> dict:
-        return wait_for(lambda: (lambda s: s if predicate(s) else None)(self.status(name)), timeout,
-                        f"{self.namespace}/{name}: {what}; status={{...}}")
+        try:
+            return wait_for(lambda: (lambda s: s if predicate(s) else None)(self.status(name)), timeout,
+                            f"{self.namespace}/{name}: {what}")
+        except TimeoutError as err:
+            raise TimeoutError(f"{err}\nstatus: {self.status(name)}{self.operator_state()}") from None
 
     def wait_phase(self, name: str, phase: str, timeout: float = 60) -> dict:
-        try:
-            return self.wait_status(name, lambda s: s.get("phase") == phase, timeout, f"phase {phase}")
-        except AssertionError as err:
-            raise AssertionError(f"{err}\nstatus: {self.status(name)}") from None
+        return self.wait_status(name, lambda s: s.get("phase") == phase, timeout, f"phase {phase}")
+
+    def operator_state(self) -> str:
+        if self.operator is None:
+            return ""
+        child = self.operator.child
+        return f"\noperator {'running' if child.alive() else 'EXITED'}; its log's tail:\n{child.log_tail(40)}"
 
     # -------------------------------------------------------------------- pods
 
@@ -156,8 +187,21 @@ class Runs:
         return [p for p in self.live_pods(name) if p.status.phase == "Running"]
 
     def wait_running_pods(self, name: str, count: int, timeout: float = 30) -> list[client.V1Pod]:
-        return wait_for(lambda: (lambda pods: pods if len(pods) == count else None)(self.running_pods(name)),
-                        timeout, f"{count} running workers of {name}")
+        try:
+            return wait_for(lambda: (lambda pods: pods if len(pods) == count else None)(self.running_pods(name)),
+                            timeout, f"{count} running workers of {name}")
+        except TimeoutError as err:
+            raise TimeoutError(f"{err}\npods:\n{self.describe_pods(name)}{self.operator_state()}") from None
+
+    def describe_pods(self, name: str) -> str:
+        """A line per pod of the run: phase, node, and why it is not scheduled if it is not."""
+        lines = []
+        for pod in self.pods(name):
+            scheduled = next((c for c in pod.status.conditions or [] if c.type == "PodScheduled"), None)
+            why = f" {scheduled.reason}: {scheduled.message}" if scheduled and scheduled.status != "True" else ""
+            gone = " (deleting)" if pod.metadata.deletion_timestamp else ""
+            lines.append(f"  {pod.metadata.name} {pod.status.phase}{gone} on {pod.spec.node_name}{why}")
+        return "\n".join(lines)
 
     def events(self, name: str) -> list[client.CoreV1Event]:
         return [e for e in self.core.list_namespaced_event(self.namespace).items

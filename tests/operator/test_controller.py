@@ -7,7 +7,7 @@ import kopf
 
 from bloomrun.operator import desired
 from bloomrun.operator.controller import Controller
-from bloomrun.operator.kube import Conflict, ForeignObject, NamespaceTerminating
+from bloomrun.operator.kube import Conflict, ForeignObject, LeftoverChild, NamespaceTerminating
 from bloomrun.operator.metrics import OperatorMetrics
 from bloomrun.operator.reconcile import PodView
 
@@ -131,6 +131,20 @@ def test_a_child_name_taken_by_a_foreign_object_fails_the_run_and_creates_nothin
     assert not [c for c in kube.calls if c[0] in ("create", "delete")] and ("event", "ForeignChild") in kube.calls
 
 
+def test_a_child_left_by_a_deleted_predecessor_is_waited_for_and_the_run_does_not_fail():
+    class Leftover(FakeKube):
+        def apply_owned(self, obj, owner_uid):
+            raise LeftoverChild(obj["kind"], "team-a", obj["metadata"]["name"])
+    kube = Leftover(run_body())
+    controller = controller_for(kube)
+    requeued = []
+    controller.requeue = lambda namespace, name, delay: requeued.append((namespace, name, delay))
+    controller.reconcile("team-a", "ablation")
+    assert requeued and requeued[0][:2] == ("team-a", "ablation")
+    assert kube.body.get("status", {}).get("phase") != "Failed"
+    assert not [c for c in kube.calls if c[0] in ("create", "delete", "event")]
+
+
 def test_exact_namespaces_turn_kopfs_cluster_wide_scanning_off():
     from bloomrun.operator.main import needs_scanning
     assert not needs_scanning(("team-a", "team-b"))  # no list/watch of CRDs or namespaces needed
@@ -198,9 +212,10 @@ def test_register_puts_every_handler_on_its_own_registry_and_schedules_with_a_da
 
     registry = register(Options(timer_interval_s=2.5))
     indexes = {h.id for h in registry._indexing.get_all_handlers()}
-    assert indexes == {"worker_pods"} | {f"infra_{c.kind.lower()}" for c in desired.INFRA_KINDS}
+    assert indexes == {"worker_pods", "eval_jobs"} | {f"infra_{c.kind.lower()}" for c in desired.INFRA_KINDS}
     spawning = registry._spawning.get_all_handlers()
-    assert [type(h).__name__ for h in spawning] == ["DaemonHandler"]  # no kopf timer beside the loop
+    # No kopf timer beside the loops: one daemon for the runs, one for the studies.
+    assert [type(h).__name__ for h in spawning] == ["DaemonHandler", "DaemonHandler"]
     assert not kopf.get_default_registry()._spawning.get_all_handlers()  # nothing registered at import
     # kopf's default registry logs in by itself; an explicit one must say how.
     assert "login_via_client" in {h.id for h in registry._activities.get_all_handlers()}

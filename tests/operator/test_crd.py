@@ -48,4 +48,25 @@ def test_schema_carries_defaults_enums_bounds_and_cel_rules():
     assert "% self.numHeads == 0" in str(spec["model"]["x-kubernetes-validations"])
     assert version["subresources"] == {"status": {}}
     columns = [c["name"] for c in version["additionalPrinterColumns"]]
-    assert columns == ["Phase", "Nodes", "Step", "Loss", "Tokens/s", "Restarts", "Age"]
+    assert columns == ["Phase", "Nodes", "Layout", "Step", "Loss", "Tokens/s", "Restarts", "Goodput", "Eval", "Age"]
+    # The layout only in `kubectl get br -o wide`: the default table stays as it was.
+    assert [c["name"] for c in version["additionalPrinterColumns"] if c.get("priority", 0)] == ["Layout"]
+
+
+def test_study_crd_matches_the_models_and_has_its_columns_and_rules():
+    committed = (REPO / "crds" / crd.STUDY_CRD_FILE).read_text()
+    assert committed == crd.render_study_crd(), "crds/ is stale: run `make crds` and commit the result"
+    document = yaml.safe_load(committed)
+    assert document["spec"]["names"]["shortNames"] == ["bs"] and document["spec"]["scope"] == "Namespaced"
+    version = document["spec"]["versions"][0]
+    assert version["subresources"] == {"status": {}}
+    assert [c["name"] for c in version["additionalPrinterColumns"]] == ["Arms", "Done", "Best", "GPU-hours", "Age"]
+    schema = version["schema"]["openAPIV3Schema"]
+    arms = schema["properties"]["spec"]["properties"]["arms"]
+    # The API server refuses too many arms and repeated arm names from these, as pydantic does.
+    assert arms["maxItems"] == 16 and arms["minItems"] == 2
+    assert arms["x-kubernetes-list-type"] == "map" and arms["x-kubernetes-list-map-keys"] == ["name"]
+    assert f"a.name.size() <= {crd.MAX_RUN_NAME}" in str(schema["x-kubernetes-validations"])
+    for path, node in walk(schema):
+        if isinstance(node, dict) and not path.endswith(".properties"):
+            assert "$ref" not in node and node.get("type") != "null", path

@@ -176,6 +176,10 @@ def test_the_rendezvous_store_is_a_pod_of_its_own_reachable_by_name_and_no_worke
     worker = desired.desired_worker(run, 0)["metadata"]["labels"]
     for selector in (service["spec"]["selector"], policy["spec"]["podSelector"]["matchLabels"]):
         assert selector.items() <= pod["metadata"]["labels"].items() and selector.items() <= worker.items()
+    # Evicted from a lost node within seconds, not the default 300 s: no group re-forms without it.
+    evicted = {t["key"]: t["tolerationSeconds"] for t in pod["spec"]["tolerations"] if t.get("effect") == "NoExecute"}
+    assert evicted == {"node.kubernetes.io/not-ready": 10, "node.kubernetes.io/unreachable": 10}
+    assert pod["spec"]["tolerations"][:len(desired.worker_tolerations(run))] == desired.worker_tolerations(run)
 
 
 def test_the_trainer_image_is_the_specs_or_else_the_operators_default():

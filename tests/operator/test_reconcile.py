@@ -2,8 +2,10 @@
 
 from datetime import datetime, timedelta, timezone
 
+import pytest
+
 from bloomrun.operator import desired
-from bloomrun.operator.reconcile import PodView, plan
+from bloomrun.operator.reconcile import PodView, parallel_layout, plan
 from bloomrun.operator.spec import BloomRunStatus
 
 from .conftest import make_run
@@ -147,6 +149,30 @@ def test_gpu_hours_are_integrated_over_running_workers():
     assert abs(status.gpu_hours.used - 2 * 8 * 0.5) < 1e-6
 
 
+def test_an_operator_outage_is_charged_from_what_the_pods_did_not_at_the_last_size():
+    """Both 8-GPU workers ran when the operator went down and failed a minute later; it comes
+    back an hour later: 2 x 8 GPUs x 1 min, not 16 GPU-hours (issue 19)."""
+    run = make_run(gpusPerNode=8, nodes={"min": 2, "max": 2})
+    started = T0 - timedelta(hours=1)
+    _, status = step(run, BloomRunStatus(), [pod(run, i, started_at=started) for i in range(2)], now=T0)
+    assert status.nodes.ready == 2
+    failed = [pod(run, i, "Failed", exit_code=1, started_at=started, finished_at=T0 + timedelta(minutes=1))
+              for i in range(2)]
+    _, status = step(run, status, failed, now=T0 + timedelta(hours=1))
+    assert status.gpu_hours.used == round(2 * 8 / 60, 6)
+    assert sum(getattr(status.goodput, b) for b in ("productive", "lost", "restart", "checkpoint", "scheduling",
+                                                        "other")) == pytest.approx(2 * 8 / 60, abs=1e-5)
+    # A worker that started during the interval is charged from its start, one still deleting
+    # until it ends; a watched worker gone without a trace for the whole interval.
+    _, status = step(run, BloomRunStatus(), [pod(run, 0, started_at=started), pod(run, 1, started_at=started)], now=T0)
+    later = [pod(run, 0, uid="uid-8", started_at=T0 + timedelta(minutes=30)),
+             pod(run, 1, "Failed", deleting=True, uid="uid-9", started_at=T0 + timedelta(minutes=10),
+                 finished_at=T0 + timedelta(minutes=20))]
+    _, status = step(run, status, later, now=T0 + timedelta(hours=1))
+    minutes = 30 + 10 + 60 + 60  # worker-0 anew, the deleting one, the two watched ones now gone
+    assert status.gpu_hours.used == pytest.approx(8 * minutes / 60, abs=1e-5)
+
+
 def test_the_gpu_hour_budget_stops_the_run_cleanly_and_it_succeeds():
     run = make_run(gpusPerNode=8, nodes={"min": 1, "max": 1}, budget={"gpuHours": 4})
     status = BloomRunStatus(phase="Running")
@@ -191,6 +217,17 @@ def test_pod_view_reads_kubelet_statuses():
         "phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
                                             "message": "0/3 nodes are available"}]}}
     assert PodView.from_body(pending).unschedulable == "0/3 nodes are available"
+    # What the GPU-hours are charged from: the first container's start, the last one's end.
+    times = {"metadata": {"name": "t", "labels": {desired.INDEX_LABEL: "0"}}, "status": {
+        "phase": "Running", "containerStatuses": [
+            {"name": "trainer", "state": {"running": {"startedAt": "2026-11-26T12:00:05Z"}}},
+            {"name": "side", "state": {"terminated": {"startedAt": "2026-11-26T12:00:01Z",
+                                                      "finishedAt": "2026-11-26T12:30:00Z", "exitCode": 0}}}]}}
+    view = PodView.from_body(times)
+    assert view.started_at == T0 + timedelta(seconds=1) and view.finished_at is None  # one still runs
+    times["status"]["containerStatuses"][0]["state"] = {"terminated": {
+        "startedAt": "2026-11-26T12:00:05Z", "finishedAt": "2026-11-26T13:00:00Z", "exitCode": 1}}
+    assert PodView.from_body(times).finished_at == T0 + timedelta(hours=1)
 
 
 def test_an_invalid_spec_fails_the_run_until_it_is_fixed(run):
@@ -273,6 +310,39 @@ def test_a_pod_someone_else_is_deleting_counts_once_it_is_gone(run):
     assert status.restarts_by_reason == {"PodLost": 1}
 
 
+def test_a_worker_stuck_terminating_on_a_node_not_ready_is_forced_out_counted_once_and_replaced():
+    """Evicted from a NotReady node, worker-1 stays Terminating: no kubelet confirms it, and its
+    name blocks the replacement (issue 19 kept such a run at 1/2 for 10 simulated hours)."""
+    from bloomrun.operator.reconcile import STUCK_TERMINATING_S, node_unready_since
+
+    run = make_run(nodes={"min": 1, "max": 2}, restartPolicy={"backoffSeconds": 0})
+    bound = timedelta(seconds=STUCK_TERMINATING_S)
+    _, status = step(run, BloomRunStatus(), [pod(run, 0, node="n0"), pod(run, 1, node="n1")])
+    deadline = T0 + timedelta(minutes=5)  # evicted at T0 with a 5-minute grace
+    stuck = [pod(run, 0, node="n0"), pod(run, 1, node="n1", deleting=True, deletion_deadline=deadline)]
+    unready = {"n1": T0 - timedelta(minutes=5)}
+
+    def at(moment, unready_since):
+        result = plan(run, status, stuck, moment, unready_since=unready_since)
+        return result, result.status
+
+    result, waiting = at(deadline + bound - timedelta(seconds=1), unready)
+    assert not result.deletes and not result.creates and waiting.nodes.display == "1/2"
+    result, _ = at(deadline + timedelta(hours=10), {})  # its node Ready: the kubelet will finish it
+    assert not result.deletes and not result.creates
+    result, status = at(deadline + bound, unready)
+    assert [(d.name, d.reason, d.force) for d in result.deletes] == [("ablation-worker-1", "NodeLost", True)]
+    assert status.restarts_by_reason == {"NodeLost": 1} and "uid-1" in status.handled_failures
+    assert "WorkerForceDeleted" in [e.reason for e in result.events]
+    result, status = step(run, status, [pod(run, 0, node="n0")], now=deadline + bound + timedelta(seconds=5))
+    assert [c.manifest["metadata"]["name"] for c in result.creates] == ["ablation-worker-1"]
+    assert status.restarts == 1  # the force-deleted worker is not counted again once gone
+    # The node's own say: Ready, or not Ready since its condition last changed.
+    ready = {"status": {"conditions": [{"type": "Ready", "status": "True"}]}}
+    lost = {"status": {"conditions": [{"type": "Ready", "status": "Unknown", "lastTransitionTime": "2026-11-26T12:00:00Z"}]}}
+    assert node_unready_since(ready, T0) is None and node_unready_since(lost, T0 + bound) == T0
+
+
 def test_pods_the_operator_deleted_are_never_counted_when_gone():
     run = make_run(nodes={"min": 1, "max": 2})
     _, status = step(run, BloomRunStatus(), [])
@@ -323,3 +393,31 @@ def test_torchrun_giving_up_without_a_permanent_verdict_is_retried(run):
     result, status = step(run, status, [pod(run, 0), crashed, pod(run, 2)])
     assert status.phase != "Failed" and status.restarts == 1
     assert status.last_failure.reason == "RetryableExitCode" and "Connection reset" in status.last_failure.message
+
+
+def test_the_layout_follows_the_elastic_world_in_whole_data_parallel_replicas():
+    """tensor x pipeline stay as specified; the data-parallel degree is the running ranks /
+    (tensor x pipeline), and 0 below nodes.min, where no world has formed."""
+    run = make_run(parallel={"tensor": 2, "pipeline": 2}, nodes={"min": 2, "max": 3}, gpusPerNode=8,
+                   training={"trainSteps": 20, "globalBatchSize": 48, "microBatchSize": 1, "zeroStage": 1})
+    _, status = step(run, BloomRunStatus(), [])
+    assert status.layout.model_dump() == {"tensor": 2, "pipeline": 2, "data": 0, "display": "2x2x0"}
+    _, status = step(run, status, [pod(run, i) for i in range(3)])
+    assert (status.layout.data, status.layout.display) == (6, "2x2x6")  # 24 ranks / 4
+    _, status = step(run, status, [pod(run, 0), pod(run, 2), pod(run, 1, "Pending", node=None)])
+    assert (status.layout.data, status.layout.display) == (4, "2x2x4")  # a node lost: 16 ranks / 4
+    _, status = step(run, status, [pod(run, 0)])
+    assert status.layout.data == 0
+
+
+def test_the_layout_of_the_final_model_and_of_a_cpu_run():
+    """BLOOM-176B's 4 x 12 on 48 nodes of 8 is 8 data-parallel replicas; a CPU run
+    (gpusPerNode 0) has one rank per node."""
+    bloom = make_run(model={"preset": "176b"}, parallel={"tensor": 4, "pipeline": 12}, nodes={"min": 48, "max": 48},
+                     gpusPerNode=8, training={"trainSteps": 20, "globalBatchSize": 48, "microBatchSize": 1,
+                                              "zeroStage": 1})
+    assert parallel_layout(bloom.spec, 48).display == "4x12x8"
+    assert parallel_layout(bloom.spec, 47).data == 0
+    cpu = make_run(parallel={"pipeline": 2}, nodes={"min": 4, "max": 4}, gpusPerNode=0,
+                   training={"trainSteps": 20, "globalBatchSize": 48, "microBatchSize": 1, "zeroStage": 1})
+    assert parallel_layout(cpu.spec, 4).model_dump() == {"tensor": 1, "pipeline": 2, "data": 2, "display": "1x2x2"}

@@ -13,6 +13,11 @@ def save(root, step, value=1.0):
                         {"torch": torch.get_rng_state()})
 
 
+def entries(root):
+    """What a checkpoint folder holds besides its history (which only grows)."""
+    return sorted(p.name for p in root.iterdir() if p.name != ckpt.HISTORY)
+
+
 def test_publish_writes_metadata_with_checksums_and_loads_without_pickle(tmp_path):
     path = save(tmp_path, 5, value=2.5)
     assert path.name == "step-00000005"
@@ -96,7 +101,25 @@ def test_prune_keeps_last_k_complete_and_removes_stale_temp_and_older_incomplete
     (tmp_path / "step-00000009").mkdir()  # newer but incomplete: kept, it may still be in use
     (tmp_path / ".tmp-step-00000006-123").mkdir()
     ckpt.prune(tmp_path, keep_last=2)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000004", "step-00000005", "step-00000009"]
+    assert entries(tmp_path) == ["step-00000004", "step-00000005", "step-00000009"]
+
+
+def test_the_history_keeps_every_published_checkpoint_through_prunes_republishes_and_torn_lines(tmp_path):
+    def published(step, loss):
+        state = ckpt.TrainState(step=step, tokens=256 * step)
+        ckpt.publish(tmp_path, state, {"w": torch.zeros(2)}, {}, {"torch": torch.get_rng_state()}, {"loss": loss})
+
+    for step, loss in ((10, 3.0), (20, 2.5), (30, 2.0)):
+        published(step, loss)
+        ckpt.prune(tmp_path, keep_last=1)  # each save prunes right after publishing
+    published(30, 1.9)  # a NaN rollback re-trained step 30, then saved it again: that one counts
+    (tmp_path / ckpt.HISTORY).write_text((tmp_path / ckpt.HISTORY).read_text() + '{"step": 40, "tok')  # torn
+    assert [p.name for _, p in ckpt.list_checkpoints(tmp_path)] == ["step-00000030"]
+    assert ckpt.read_history(tmp_path) == [{"step": 10, "tokens": 2560, "loss": 3.0},
+                                           {"step": 20, "tokens": 5120, "loss": 2.5},
+                                           {"step": 30, "tokens": 7680, "loss": 1.9}]
+    (tmp_path / ckpt.HISTORY).unlink()  # a folder from before the history: its checkpoints still count
+    assert ckpt.read_history(tmp_path) == [{"step": 30, "tokens": 7680, "loss": 1.9}]
 
 
 def test_republishing_a_step_replaces_it(tmp_path):
@@ -111,3 +134,55 @@ def test_a_pickle_is_not_loaded(tmp_path):
     torch.save({"w": torch.ones(1)}, path / "model.safetensors")  # a pickle under the right name
     with pytest.raises(ckpt.CheckpointError, match="unreadable"):
         ckpt.read_tensors(path, "model.safetensors")
+
+
+def test_prune_keeps_checkpoints_whose_evaluation_is_pending_beyond_keep_last(tmp_path, caplog):
+    """keepLast 2 of steps 100..600: 600 and 500 as before, and 200 (its evaluation Job
+    runs) and 300 (queued), which keepLast alone would delete before they are scored."""
+    from bloomrun.trainer.progress import HeldSteps
+
+    for step in range(100, 700, 100):
+        save(tmp_path, step)
+    with caplog.at_level(logging.INFO):
+        removed = ckpt.prune(tmp_path, keep_last=2, held=HeldSteps(frozenset({200, 300}), from_step=None))
+    assert sorted(p.name for p in removed) == ["step-00000100", "step-00000400"]
+    assert entries(tmp_path) == [
+        "step-00000200", "step-00000300", "step-00000500", "step-00000600"]
+    assert "beyond checkpoint.keepLast=2 for evaluation (pending, or not decided yet): steps [200, 300]" in caplog.text
+    # Once the run's status no longer holds them (scored), the next prune removes them.
+    ckpt.prune(tmp_path, keep_last=2, held=HeldSteps())
+    assert entries(tmp_path) == ["step-00000500", "step-00000600"]
+
+
+def test_prune_keeps_what_the_operator_has_not_decided_about_and_no_more(tmp_path):
+    """From one read of the run: seenStep 300, checkpointStep 400 (reported, not looked at
+    yet), 300 running. 400 may still be found due, 500 and 600 were published after the
+    read; 100 and 200 can never become pending. Kept: keepLast + pending + undecided."""
+    from bloomrun.trainer.progress import held_steps_of
+
+    for step in range(100, 700, 100):
+        save(tmp_path, step)
+    run = {"spec": {"eval": {"suite": "bigscience-27"}},
+           "status": {"progress": {"checkpointStep": 400}, "evaluation": {"seenStep": 300, "running": [300]}}}
+    held = held_steps_of(run)
+    ckpt.prune(tmp_path, keep_last=1, held=held)
+    kept = [int(name[5:]) for name in entries(tmp_path)]
+    assert kept == [300, 400, 500, 600]
+    (tmp_path / "step-00000700").mkdir()  # a newer folder without metadata: still not counted
+    ckpt.prune(tmp_path, keep_last=1, held=held_steps_of({"spec": {}, "status": run["status"]}))  # eval off
+    assert entries(tmp_path) == ["step-00000600", "step-00000700"]
+
+
+@pytest.mark.parametrize("pending, from_step", [({3, 17, 40}, 45), (set(), 0), ({1, 2}, None), ({49}, 50)])
+def test_prune_keeps_at_most_keep_last_plus_pending_plus_undecided(tmp_path, pending, from_step):
+    """The bound docs/eval.md states, on 50 published steps (prune looks at metadata.json only)."""
+    from bloomrun.trainer.progress import HeldSteps
+
+    for step in range(50):
+        (tmp_path / ckpt.step_dir_name(step)).mkdir()
+        (tmp_path / ckpt.step_dir_name(step) / ckpt.METADATA).write_text("{}")
+    ckpt.prune(tmp_path, keep_last=3, held=HeldSteps(frozenset(pending), from_step))
+    kept = {int(name[5:]) for name in entries(tmp_path)}
+    undecided = set() if from_step is None else set(range(from_step, 50))
+    assert kept == {47, 48, 49} | pending | undecided
+    assert len(kept) <= 3 + len(pending) + len(undecided)

@@ -7,14 +7,9 @@ import json
 
 import pytest
 
-from tests.trainer.trainer_runs import Run, checkpoint_steps, config, write_corpus
+from tests.trainer.trainer_runs import Run, checkpoint_steps, config
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return write_corpus(tmp_path_factory.mktemp("corpus") / "corpus")
 
 
 @pytest.fixture(scope="module")

@@ -14,15 +14,10 @@ import shutil
 import pytest
 from safetensors.torch import load_file
 
-from tests.trainer.trainer_runs import Run, checkpoint_steps, config, write_corpus
+from tests.trainer.trainer_runs import Run, checkpoint_steps, config
 
 pytestmark = pytest.mark.slow
 FP32_RTOL = 1e-5
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return write_corpus(tmp_path_factory.mktemp("corpus") / "corpus")
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sys
 import uuid
 from pathlib import Path
 
+import pytest
 import yaml
 
 from bloomrun.trainer import elastic
@@ -24,6 +26,8 @@ REPO = Path(__file__).resolve().parents[2]
 TORCHRUN = (sys.executable, "-m", "torch.distributed.run")
 GLOBAL_BATCH = 8
 SEQ = 32
+FP32_RTOL = 1e-5  # the parallel layouts against one rank: sums in another order (measured ~1e-7)
+GRAD_NORM = re.compile(r"step (\d+)/\d+ \| loss \S+ \| grad_norm (\S+)")  # rank 0's step line
 
 
 def config(corpus: Path, checkpoints: Path, *, steps: int = 6, zero: int = 1, every: int = 2,
@@ -126,3 +130,19 @@ class Run:
 
 def checkpoint_steps(folder: Path) -> list[int]:
     return sorted(int(p.name.split("-")[1]) for p in folder.glob("step-*") if (p / "metadata.json").exists())
+
+
+def losses(run: Run) -> dict[int, float]:
+    return {step: record["loss"] for step, record in run.global_steps().items()}
+
+
+def logged_grad_norms(run: Run) -> dict[int, float]:
+    """{step: gradient norm} as rank 0 logged it (3 decimals)."""
+    return {int(step): float(norm) for step, norm in GRAD_NORM.findall(run.output())}
+
+
+def assert_close(got: dict[int, float], expected: dict[int, float]) -> None:
+    """Every step of `got` has `expected`'s loss within FP32_RTOL."""
+    assert got and set(got) <= set(expected)
+    for step, loss in got.items():
+        assert loss == pytest.approx(expected[step], rel=FP32_RTOL), step

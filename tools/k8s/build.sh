@@ -8,6 +8,12 @@ set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 bin=$(bash "$here/bindir.sh")
 if [[ -f $bin/.complete ]]; then exit 0; fi
+# One build at a time: a second `make k8s` (or a test session that needs the binaries)
+# waits for the first instead of compiling the same ~30 minutes again beside it.
+mkdir -p "$(dirname "$bin")"
+exec 9>"$(dirname "$bin")/.build.lock"
+flock 9
+if [[ -f $bin/.complete ]]; then exit 0; fi
 
 version=$(awk '$1 == "k8s.io/kubernetes" && $2 ~ /^v/ {print $2}' "$here/kubernetes/go.mod")
 # Every staging module must be replaced at the version matching the pinned Kubernetes.

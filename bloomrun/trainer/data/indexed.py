@@ -79,13 +79,17 @@ class MMapIndexedDataset:
     `ds[i]` is sequence i as a read-only view of the mapped tokens; `ds.sizes`,
     `ds.pointers` and `ds.doc_idx` are the index arrays. Pickles by path, so data-loader
     workers re-map the files instead of copying them.
+
+    `check_arrays=False` checks only what costs the same for any corpus (the header, both
+    files' lengths, the first and last entries); the training pipeline opens files that
+    way once validate_data has checked every entry (sources.py records that it did).
     """
 
-    def __init__(self, prefix: str | os.PathLike):
+    def __init__(self, prefix: str | os.PathLike, check_arrays: bool = True):
         self.prefix = os.fspath(prefix)
-        self._open()
+        self._open(check_arrays)
 
-    def _open(self) -> None:
+    def _open(self, check_arrays: bool) -> None:
         idx_file, bin_file = index_path(self.prefix), data_path(self.prefix)
         missing = [path for path in (bin_file, idx_file) if not path.is_file()]
         if len(missing) == 2:
@@ -112,8 +116,8 @@ class MMapIndexedDataset:
         self.doc_idx = np.frombuffer(index, np.int64, num_doc_idx, offset)
 
         bin_size = bin_file.stat().st_size
-        _check_index_arrays(idx_file, bin_file, bin_size, self.sizes, self.pointers,
-                            self.doc_idx, self.dtype.itemsize)
+        check = _check_index_arrays if check_arrays else _check_index_ends
+        check(idx_file, bin_file, bin_size, self.sizes, self.pointers, self.doc_idx, self.dtype.itemsize)
         # np.memmap refuses empty files; an empty corpus is still a valid (useless) dataset.
         if bin_size:
             self._tokens = np.memmap(bin_file, mode="r", dtype=self.dtype)
@@ -125,7 +129,7 @@ class MMapIndexedDataset:
 
     def __setstate__(self, prefix: str) -> None:
         self.prefix = prefix
-        self._open()
+        self._open(check_arrays=False)  # checked when first opened
 
     def __len__(self) -> int:
         return len(self.sizes)
@@ -145,7 +149,8 @@ class MMapIndexedDataset:
 
     @property
     def num_tokens(self) -> int:
-        return int(self.sizes.sum(dtype=np.int64))
+        """Tokens in the .bin (the index's sizes add up to it: checked on open)."""
+        return len(self._tokens)
 
 
 def read_index_header(idx_file: Path) -> dict:
@@ -187,6 +192,22 @@ def _check_index_arrays(idx_file: Path, bin_file: Path, bin_size: int, sizes: np
             f"({total // itemsize} tokens of {itemsize} bytes): truncated or from another index"
         )
     if doc_idx[0] != 0 or doc_idx[-1] != len(sizes) or np.any(np.diff(doc_idx) < 0):
+        raise DataError(f"{idx_file}: doc_idx must rise from 0 to the number of sequences "
+                        f"({len(sizes)}); got {doc_idx[0]} .. {doc_idx[-1]}")
+
+
+def _check_index_ends(idx_file: Path, bin_file: Path, bin_size: int, sizes: np.ndarray,
+                      pointers: np.ndarray, doc_idx: np.ndarray, itemsize: int) -> None:
+    """_check_index_arrays' checks that cost the same for any corpus: the first and last
+    sequence, the .bin's length, doc_idx's ends."""
+    last = len(sizes) - 1
+    end = int(pointers[last]) + int(sizes[last]) * itemsize if len(sizes) else 0
+    if len(sizes) and (int(pointers[0]) != 0 or int(sizes[0]) < 0 or int(sizes[last]) < 0):
+        raise DataError(f"{idx_file}: the first or last sequence's size or pointer is impossible")
+    if end != bin_size:
+        raise DataError(f"{bin_file}: {bin_size} bytes, but {idx_file.name} describes {end} "
+                        f"({end // itemsize} tokens of {itemsize} bytes): truncated or from another index")
+    if doc_idx[0] != 0 or doc_idx[-1] != len(sizes):
         raise DataError(f"{idx_file}: doc_idx must rise from 0 to the number of sequences "
                         f"({len(sizes)}); got {doc_idx[0]} .. {doc_idx[-1]}")
 

@@ -8,6 +8,9 @@ separated), cut into samples that overlap by one token: sample k is tokens
 does not fill a sample is dropped. Each epoch has its own document order and its own
 sample order, both drawn from (seed, epoch), so index i always names the same tokens on
 every rank, in every process, before and after a restart.
+
+The index arrays (each epoch's orders, the blend table) come from an IndexCache (cache.py):
+computed once, then memory-mapped by every rank; without a cache folder, in memory.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from functools import lru_cache
 
 import numpy as np
 
+from .blend import blend_codes, decode, normalise
+from .cache import IndexCache, file_identity
 from .indexed import DataError, MMapIndexedDataset
 
 _DOC_ORDER, _SAMPLE_ORDER = 0, 1  # stream tags, so the two permutations are independent
@@ -25,7 +30,7 @@ class GPTSamples:
     """Samples of `seq_length + 1` tokens over one dataset; index i >= len() wraps into
     epoch i // len(), whose shuffle differs from the previous one."""
 
-    def __init__(self, dataset: MMapIndexedDataset, seq_length: int, seed: int):
+    def __init__(self, dataset: MMapIndexedDataset, seq_length: int, seed: int, cache: IndexCache | None = None):
         if seq_length < 1:
             raise ValueError(f"seq_length must be positive, got {seq_length}")
         self.dataset = dataset
@@ -36,7 +41,9 @@ class GPTSamples:
         if self.samples_per_epoch < 1:
             raise DataError(f"{dataset.prefix}: {num_tokens} tokens is too few for one sample of "
                             f"{seq_length + 1} tokens (seqLength + 1)")
-        self._epoch = lru_cache(maxsize=2)(self._build_epoch)
+        self.cache = cache or IndexCache(None)
+        self._key = {"dataset": file_identity(dataset.prefix), "seed": seed, "seq_length": seq_length}
+        self._epoch = lru_cache(maxsize=2)(self._load_epoch)
 
     def __len__(self) -> int:
         return self.samples_per_epoch
@@ -47,7 +54,7 @@ class GPTSamples:
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        self._epoch = lru_cache(maxsize=2)(self._build_epoch)
+        self._epoch = lru_cache(maxsize=2)(self._load_epoch)
 
     def __getitem__(self, i: int) -> np.ndarray:
         """Sample i as int64 tokens, shape (seq_length + 1,)."""
@@ -62,6 +69,13 @@ class GPTSamples:
         # PCG64 seeded from a SeedSequence of (seed, epoch, stream): no global state, and the
         # same numbers in every process (numpy keeps this generator's stream stable).
         return np.random.Generator(np.random.PCG64([self.seed, epoch, stream]))
+
+    def _load_epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(document order, document ends, sample order) of an epoch: one cached array."""
+        docs = len(self.dataset)
+        arrays = self.cache.array("epoch", {**self._key, "epoch": epoch}, 2 * docs + self.samples_per_epoch,
+                                  lambda: np.concatenate(self._build_epoch(epoch)))
+        return arrays[:docs], arrays[docs:2 * docs], arrays[2 * docs:]
 
     def _build_epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         doc_order = self._rng(epoch, _DOC_ORDER).permutation(len(self.dataset))
@@ -85,67 +99,60 @@ class GPTSamples:
 
 
 class BlendedSamples:
-    """Several sample streams interleaved by weight, deterministically.
+    """Several sample streams interleaved by weight, deterministically: Megatron's rule
+    (blend.py), whose table is cut into blocks of BLOCK indices, each computed once and
+    cached (a block's key is the weights and its number: it depends on nothing else)."""
 
-    Megatron's rule (helpers.cpp, build_blending_indices): at global index i the next
-    sample comes from the source whose realised count lags its target share the most,
-    argmax_s(weight_s * max(i, 1) - count_s), ties to the lower index; that source's own
-    next sample (its count so far) is used. Every prefix of the blend is then within one
-    sample of the weights. The choice at i depends on all earlier choices, so the table is
-    grown sequentially and cached; a restart recomputes it up to the resume point
-    (about a million entries a second).
-    """
+    BLOCK = 1 << 20  # 8 MB of int64 codes a block
 
-    _GROW = 8192
-
-    def __init__(self, sources: list[tuple[GPTSamples, float]], names: list[str] | None = None):
+    def __init__(self, sources: list[tuple[GPTSamples, float]], names: list[str] | None = None,
+                 cache: IndexCache | None = None):
         if not sources:
             raise ValueError("a blend needs at least one source")
-        weights = np.array([float(w) for _, w in sources])
-        if np.any(weights <= 0) or not np.all(np.isfinite(weights)):
-            raise ValueError(f"blend weights must be positive and finite, got {weights.tolist()}")
         self.sources = [s for s, _ in sources]
-        self.weights = weights / weights.sum()
+        self.weights = normalise([w for _, w in sources])
         self.names = names or [s.dataset.prefix for s in self.sources]
-        self._source = np.zeros(0, dtype=np.int16)   # source of each global index
-        self._position = np.zeros(0, dtype=np.int64)  # index within that source
-        self._counts = [0] * len(self.sources)
+        self.cache = cache or IndexCache(None)
+        self._block = lru_cache(maxsize=2)(self._load_block)
+        self._counts_before = {0: np.zeros(len(self.sources), np.int64)}
 
-    def _grow_to(self, size: int) -> None:
-        if size <= len(self._source):
-            return
-        size = max(size, len(self._source) + self._GROW)
-        start = len(self._source)
-        source = np.empty(size - start, dtype=np.int16)
-        position = np.empty(size - start, dtype=np.int64)
-        weights, counts = self.weights.tolist(), self._counts
-        num_sources = len(weights)
-        for i in range(start, size):
-            scale = max(i, 1)
-            best, best_lag = 0, weights[0] * scale - counts[0]
-            for s in range(1, num_sources):
-                lag = weights[s] * scale - counts[s]
-                if lag > best_lag:
-                    best, best_lag = s, lag
-            source[i - start] = best
-            position[i - start] = counts[best]
-            counts[best] += 1
-        self._source = np.concatenate((self._source, source))
-        self._position = np.concatenate((self._position, position))
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_block"}
 
-    def source_of(self, i: int) -> int:
-        """Which source (index into `sources`) global sample i comes from."""
-        self._grow_to(int(i) + 1)
-        return int(self._source[i])
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._block = lru_cache(maxsize=2)(self._load_block)
+
+    def _load_block(self, block: int) -> np.ndarray:
+        key = {"weights": self.weights.tolist(), "block": block, "size": self.BLOCK}
+        return self.cache.array("blend", key, self.BLOCK, lambda: self._build_block(block))
+
+    def _build_block(self, block: int) -> np.ndarray:
+        start = block * self.BLOCK
+        codes, counts = blend_codes(self.weights, start, start + self.BLOCK, self._counts_at(block))
+        self._counts_before[block + 1] = counts
+        return codes
+
+    def _counts_at(self, block: int) -> np.ndarray:
+        """Each source's count before the block: the blocks before it, cached or built."""
+        if block not in self._counts_before:
+            sources, _ = decode(np.asarray(self._block(block - 1)))  # a cached block's
+            self._counts_before[block] = self._counts_at(block - 1) + np.bincount(sources, minlength=len(self.sources))
+        return self._counts_before[block]
 
     def locate(self, i: int) -> tuple[int, int]:
         """(source, index within that source) of global sample i."""
-        self._grow_to(int(i) + 1)
-        return int(self._source[i]), int(self._position[i])
-
-    def __getitem__(self, i: int) -> np.ndarray:
         if i < 0:
             raise IndexError(f"sample index {i} is negative")
+        block, offset = divmod(int(i), self.BLOCK)
+        source, position = decode(int(self._block(block)[offset]))
+        return int(source), int(position)
+
+    def source_of(self, i: int) -> int:
+        """Which source (index into `sources`) global sample i comes from."""
+        return self.locate(i)[0]
+
+    def __getitem__(self, i: int) -> np.ndarray:
         source, position = self.locate(i)
         return self.sources[source][position]
 

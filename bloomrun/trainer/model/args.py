@@ -9,23 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from bloomrun.trainer.config import ModelConfig
-
-SWIGLU_WIDTH_MULTIPLE = 64
-
-
-def mlp_width(hidden_size: int, activation: str) -> int:
-    """Inner MLP width F.
-
-    GELU: 4C, as BLOOM. SwiGLU has three C x F matrices instead of two, so F = 2/3 * 4C keeps
-    the parameter count (and FLOPs) matched; rounded to a multiple of 64 for GEMM tiling.
-    """
-    if activation == "gelu":
-        return 4 * hidden_size
-    if activation == "swiglu":
-        rounded = round(8 * hidden_size / 3 / SWIGLU_WIDTH_MULTIPLE) * SWIGLU_WIDTH_MULTIPLE
-        return max(SWIGLU_WIDTH_MULTIPLE, rounded)
-    raise ValueError(f"activation must be gelu or swiglu, got {activation!r}")
+from bloomrun.trainer.config import ModelConfig, mlp_width
 
 
 @dataclass(frozen=True)

@@ -54,14 +54,16 @@ class Attention(nn.Module):
         self.kernels = ops.TORCH
 
     def forward(self, x: torch.Tensor, positions: PositionInputs) -> torch.Tensor:
-        B, T, C = x.shape
-        # BLOOM's fused layout interleaves per head: [q_h, k_h, v_h] for each head h.
-        qkv = self.query_key_value(x).view(B, T, self.num_heads, 3, self.head_dim)
+        B, T, _ = x.shape
+        # BLOOM's fused layout interleaves per head: [q_h, k_h, v_h] for each head h. The head
+        # count comes from the output (-1): a tensor-parallel rank holds a whole-head slice of
+        # it (bloomrun/trainer/tensor_parallel.py), H / tensor heads.
+        qkv = self.query_key_value(x).view(B, T, -1, 3, self.head_dim)
         q, k, v = qkv.unbind(dim=3)  # each (B, T, H, D), strided views into qkv
         if positions.rotary is not None:
             q, k = self.kernels.apply_rotary(q, k, *positions.rotary)
         y = self.kernels.attention(q, k, v, positions.alibi_slopes)  # (B, T, H, D)
-        return self.dense(y.reshape(B, T, C))
+        return self.dense(y.reshape(B, T, -1))
 
 
 class MLP(nn.Module):

@@ -33,16 +33,29 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/part-of: bloomrun
 {{- end }}
 
+{{/* The operator's ServiceAccount. One the chart does not create must be named: falling back
+to the namespace's `default` account would hand the operator's rights (cluster-wide ones in
+cluster-wide mode) to every pod of the release namespace that runs as `default`. */}}
 {{- define "bloomrun-operator.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create }}
 {{- default (include "bloomrun-operator.fullname" .) .Values.serviceAccount.name }}
 {{- else }}
-{{- default "default" .Values.serviceAccount.name }}
+{{- required "serviceAccount.name is required when serviceAccount.create is false: the operator would otherwise run as, and bind its rights to, the namespace's default ServiceAccount" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* An image reference: repository@digest when a digest is given, else repository:tag (the
+chart's appVersion by default). Takes an image's values (repository, tag, digest) and the chart. */}}
+{{- define "bloomrun-operator.imageRef" -}}
+{{- if .image.digest }}
+{{- printf "%s@%s" .image.repository .image.digest }}
+{{- else }}
+{{- printf "%s:%s" .image.repository (default .chart.AppVersion .image.tag) }}
 {{- end }}
 {{- end }}
 
 {{- define "bloomrun-operator.image" -}}
-{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- include "bloomrun-operator.imageRef" (dict "image" .Values.image "chart" .Chart) }}
 {{- end }}
 
 {{/* Namespaced mode: the operator watches only .Values.watchNamespaces. */}}
@@ -59,7 +72,11 @@ app.kubernetes.io/part-of: bloomrun
 {{- define "bloomrun-operator.args" -}}
 - --liveness=http://0.0.0.0:{{ .Values.health.port }}/healthz
 - --metrics-port={{ .Values.metrics.port }}
-- --trainer-image={{ printf "%s:%s" .Values.trainerImage.repository (default .Chart.AppVersion .Values.trainerImage.tag) }}
+- --trainer-image={{ include "bloomrun-operator.imageRef" (dict "image" .Values.trainerImage "chart" .Chart) }}
+- --max-nodes={{ int .Values.runPolicy.maxNodes }}
+- --allowed-priority-classes={{ join "," .Values.runPolicy.allowedPriorityClasses }}
+- --denied-taint-keys={{ join "," .Values.runPolicy.deniedTaintKeys }}
+- --denied-node-label-keys={{ join "," .Values.runPolicy.deniedNodeLabelKeys }}
 {{- if .Values.operator.verbose }}
 - --verbose
 {{- end }}
