@@ -48,6 +48,12 @@ UNKNOWN = "Unknown"
 POD_LOST = "PodLost"  # gone without a failure the operator saw: deleted by hand, node GC
 HUNG = "Hung"  # the trainer's watchdog ended the pod: a rank of it made no progress
 RETRYABLE_CLASSES = {RETRYABLE_EXIT, OOM_KILLED, EVICTED, NODE_LOST, UNKNOWN, POD_LOST, HUNG}
+# A container's end as its runtime reports it when the container died with its machine: a
+# restarted containerd finds the task gone and reports exit code 255 with reason "Unknown"
+# (its CRI restore path), the kubelet "ContainerStatusUnknown" when it cannot find the
+# container at all. The exit code is not the trainer's, so it says nothing about the run
+# (seen on real pods: a lost node's worker came back as 255 and failed the run as permanent).
+RUNTIME_LOST_REASONS = {"Unknown", "ContainerStatusUnknown"}
 BUDGET_SPENT = "GPUHourBudgetSpent"
 INVALID_SPEC = "InvalidSpec"
 FOREIGN_CHILD = "ForeignChild"  # a child's name is taken by an object this run does not control
@@ -225,7 +231,7 @@ def classify(pod: PodView, known_nodes: set[str] | None, retryable_codes: list[i
         return EVICTED
     if pod.reason == "OOMKilled":
         return OOM_KILLED
-    if pod.reason in ("NodeLost", "Terminated", "NodeShutdown", "Shutdown"):
+    if pod.reason in ("NodeLost", "Terminated", "NodeShutdown", "Shutdown") or pod.reason in RUNTIME_LOST_REASONS:
         return NODE_LOST
     if pod.message.startswith(PERMANENT_MARK):
         return PERMANENT_EXIT

@@ -115,6 +115,24 @@ def test_oom_eviction_and_node_loss_are_classified_and_retryable(run):
     assert lost.force  # no kubelet is left to confirm a graceful stop
 
 
+def test_a_container_lost_with_its_machine_is_a_lost_node_not_a_permanent_exit(run):
+    """The pod as the kubelet reports it once a lost machine returns: containerd, restarted,
+    finds the container's task gone and says exit code 255, reason "Unknown"; the kubelet
+    fills the message with the log's tail. Exit code 255 alone would be permanent."""
+    body = {"metadata": {"name": desired.worker_name(run, 1), "uid": "lost",
+                         "labels": {desired.INDEX_LABEL: "1", desired.HASH_LABEL: desired.template_hash(run)}},
+            "spec": {"nodeName": "a100-80gb-1"},
+            "status": {"phase": "Failed", "containerStatuses": [{"name": "trainer", "state": {"terminated": {
+                "exitCode": 255, "reason": "Unknown",
+                "message": "[rank 1] INFO bloomrun.trainer.watchdog: watching ranks 1-1\n"}}}]}}
+    _, status = step(run, BloomRunStatus(phase="Running"), [pod(run, 0), PodView.from_body(body)])
+    assert status.phase != "Failed" and status.restarts_by_reason == {"NodeLost": 1}
+    unknown = {**body, "status": {"phase": "Failed", "containerStatuses": [{"name": "trainer", "state": {
+        "terminated": {"exitCode": 137, "reason": "ContainerStatusUnknown"}}}]}}
+    _, status = step(run, BloomRunStatus(phase="Running"), [pod(run, 0), PodView.from_body(unknown)])
+    assert status.restarts_by_reason == {"NodeLost": 1}
+
+
 def test_max_restarts_exhausted_fails_the_run():
     run = make_run(restartPolicy={"maxRestarts": 1, "backoffSeconds": 0})
     result, status = step(run, BloomRunStatus(phase="Running"), [pod(run, 0, "Failed", exit_code=137, uid="x")])

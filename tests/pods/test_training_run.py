@@ -79,11 +79,27 @@ class Deployment:
         return progress
 
     def wait_step_above(self, step: int, timeout: float, what: str) -> dict:
-        return self.cluster.wait(lambda: (p := self.progress()).get("step", -1) > step and p, timeout, what)
+        return self.cluster.wait(lambda: self.not_failed() and (p := self.progress()).get("step", -1) > step and p,
+                                 timeout, what)
+
+    def not_failed(self) -> bool:
+        """True while the run has not Failed; raises with its whole status once it has, so a
+        wait for training again stops at once and says why."""
+        status = self.run().get("status", {})
+        if status.get("phase") == "Failed":
+            raise AssertionError(f"the run Failed: {json.dumps(status, indent=1)}")
+        return True
+
+    def wait_training_on(self, workers: int, timeout: float, what: str) -> None:
+        """Until the newest trainer session spans `workers` workers and has trained a step: a
+        fault thrown earlier would meet a worker whose torchrun is still in its rendezvous
+        (no training process to signal, or a group about to re-form anyway)."""
+        self.cluster.wait(lambda: self.not_failed() and self.world_size() == workers, timeout, what)
+        self.wait_step_above(self.progress()["step"], 120, f"{what}: a step")
 
     def wait_new_session(self, after: set[str], timeout: float, what: str) -> dict:
         """The progress of the first trainer session not in `after` that has trained a step."""
-        return self.cluster.wait(lambda: (p := self.progress()).get("startTime") not in after
+        return self.cluster.wait(lambda: self.not_failed() and (p := self.progress()).get("startTime") not in after
                                  and p.get("step", -1) > (p.get("resumedStep") or 0) and p, timeout, what)
 
     def workers(self, name: str = RUN) -> list[client.V1Pod]:
@@ -132,9 +148,12 @@ def signal_trainer(deployment: "Deployment", pod: str, signal_name: str) -> None
               "    if int(p) not in (1, os.getpid()) and b'bloomrun.trainer.train' in argv"
               " and b'torchrun' not in b' '.join(argv):\n"
               f"        os.kill(int(p), signal.{signal_name}); print('signalled', p)\n")
-    out = deployment.cluster.kubectl("exec", "-n", deployment.namespace, pod, "-c", "trainer", "--",
-                                     "python", "-c", script).stdout
-    assert "signalled" in out, out
+
+    def signalled() -> bool:
+        return "signalled" in deployment.cluster.kubectl("exec", "-n", deployment.namespace, pod, "-c", "trainer",
+                                                         "--", "python", "-c", script).stdout
+    # Between two trainer sessions (torchrun re-forming its group) there is none to signal.
+    deployment.cluster.wait(signalled, 60, f"a training process in {pod} to signal")
 
 
 def pod_monitor_targets(core: client.CoreV1Api, monitor: dict) -> list[dict]:
@@ -354,6 +373,7 @@ def test_a_worker_process_killed_in_its_container_is_restarted_by_torchrun(deplo
     cluster = deployment.cluster
     pod = f"{RUN}-worker-0"
     core = client.CoreV1Api(cluster.api())
+    deployment.wait_training_on(2, 300, "both workers training before the SIGKILL")
     uid = core.read_namespaced_pod(pod, deployment.namespace).metadata.uid
     before = deployment.progress()
     # SIGKILL the training process (torchrun's child), not torchrun (PID 1): what a crash
@@ -381,6 +401,7 @@ def test_a_stopped_rank_is_named_hung_by_the_watchdog_and_its_pod_replaced(deplo
     with it (watchdog.Peers), so this test failed whenever the rendezvous had put rank 0 on
     the pod it stopped."""
     cluster = deployment.cluster
+    deployment.wait_training_on(2, 300, "both workers training before the SIGSTOP")
     pod = deployment.rank_zero_pod()
     core = client.CoreV1Api(cluster.api())
     uid = core.read_namespaced_pod(pod, deployment.namespace).metadata.uid
@@ -430,8 +451,7 @@ def test_deleting_the_rendezvous_store_pod_costs_one_re_rendezvous_and_no_steps(
                  120, "a new store pod")
     after = deployment.wait_new_session(set(deployment.sessions), 600, "training again through the new store")
     deployment.record("store pod deleted -> stepping again", time.monotonic() - deleted)
-    cluster.wait(lambda: deployment.world_size() == 2, 600, "2 workers training again")
-    deployment.wait_step_above(deployment.progress()["step"], 120, "training in the world of 2 again")
+    deployment.wait_training_on(2, 600, "2 workers training again")
     deployment.record("store pod deleted -> training again on 2 nodes", time.monotonic() - deleted)
     status = deployment.run()["status"]
     assert status["restartsByReason"].get("RetryableExitCode", 0) > restarts, status
@@ -450,6 +470,7 @@ def test_a_lost_node_leaves_the_run_training_and_it_scales_back_when_the_node_re
     cluster, nodes = deployment.cluster, deployment.nodes
     core = client.CoreV1Api(cluster.api())
     operator_node, = {p.spec.node_name for p in core.list_namespaced_pod(deployment.operator_namespace).items}
+    deployment.wait_training_on(2, 300, "both workers training before a node is lost")
     running = cluster.wait(lambda: len(found := [p for p in deployment.workers() if p.status.phase == "Running"
                                                  and not p.metadata.deletion_timestamp]) == 2 and found,
                            300, "both workers Running before a node is lost")
@@ -470,8 +491,7 @@ def test_a_lost_node_leaves_the_run_training_and_it_scales_back_when_the_node_re
     cluster.wait(not_ready, 180, "the lost node NotReady")
     nodes.return_node(victim.spec.node_name)
     returned = time.monotonic()
-    cluster.wait(lambda: deployment.world_size() == 2, 600, "2 workers training again")
-    deployment.wait_step_above(deployment.progress()["step"], 120, "training in the world of 2 again")
+    deployment.wait_training_on(2, 600, "2 workers training again")
     deployment.record("node back -> training again on 2 nodes", time.monotonic() - returned)
 
 
@@ -488,7 +508,7 @@ def test_a_shortened_run_restarts_from_its_checkpoint_and_finishes_succeeded(dep
     run = cluster.wait(lambda: (r := deployment.run()).get("status", {}).get("phase") in ("Succeeded", "Failed") and r,
                        900, "the run to finish")
     deployment.record("trainSteps lowered -> Succeeded", time.monotonic() - patched)
-    assert run["status"]["phase"] == "Succeeded", run["status"]
+    assert run["status"]["phase"] == "Succeeded", json.dumps(run["status"], indent=1)
     assert run["status"]["progress"]["step"] == target
     assert deployment.newest_checkpoint() == target
     print(f"\n[real pods] trainer sessions: {deployment.sessions}; restarts "
