@@ -16,7 +16,6 @@ from bloomrun.trainer import checkpoint as ckpt
 from bloomrun.trainer import parallel, shard_layout, tensor_parallel
 from bloomrun.trainer.shard_layout import local_pieces
 from bloomrun.trainer.mesh_engine import MeshEngine
-from bloomrun.trainer.model import build_model
 from tests.trainer import tp_workers
 
 MODEL = {"hiddenSize": 64, "numHeads": 4, "position": "alibi", "activation": "swiglu"}
@@ -57,13 +56,7 @@ def layout(rank: int, world_size: int, model: dict, tensor: int) -> dict:
     model they were sharded from (perturbed, so biases and LayerNorms differ too): exact."""
     cfg = tp_workers.trainer_config(model, tensor)
     world = parallel.World(rank=rank, local_rank=rank, world_size=world_size, node_rank=0, device="cpu")
-    torch.manual_seed(0)
-    reference = build_model(cfg.model, "cpu")
-    with torch.no_grad():
-        for param in reference.parameters():
-            param.add_(torch.randn_like(param) * 0.05)
-    model_copy = build_model(cfg.model, "cpu")
-    model_copy.load_state_dict(reference.state_dict())
+    reference, model_copy = tp_workers.perturbed_pair(cfg)
     engine = MeshEngine.create(model_copy, cfg, world, torch.device("cpu"))
     expected = dict(reference.named_parameters())
     with torch.no_grad():

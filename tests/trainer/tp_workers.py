@@ -150,17 +150,24 @@ def trajectories(rank: int, world_size: int, model: dict, tensor: int, zero: int
     return {"reference": reference, "parallel": sharded}
 
 
-def logits(rank: int, world_size: int, model: dict, tensor: int) -> dict:
-    """Unsharded and tensor-parallel logits of perturbed weights (LayerNorms and biases
-    matter), the latter gathered from the vocabulary shards; and each rank's local slopes."""
-    cfg = trainer_config(model, tensor)
+def perturbed_pair(cfg: TrainerConfig) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """A model with perturbed weights (so biases and LayerNorms matter) and an equal copy
+    to shard, the reference staying unsharded."""
     torch.manual_seed(0)
     reference = build_model(cfg.model, "cpu")
     with torch.no_grad():
         for param in reference.parameters():
             param.add_(torch.randn_like(param) * 0.05)
-    sharded = build_model(cfg.model, "cpu")
-    sharded.load_state_dict(reference.state_dict())
+    copy = build_model(cfg.model, "cpu")
+    copy.load_state_dict(reference.state_dict())
+    return reference, copy
+
+
+def logits(rank: int, world_size: int, model: dict, tensor: int) -> dict:
+    """Unsharded and tensor-parallel logits of perturbed weights (LayerNorms and biases
+    matter), the latter gathered from the vocabulary shards; and each rank's local slopes."""
+    cfg = trainer_config(model, tensor)
+    reference, sharded = perturbed_pair(cfg)
     mesh = tensor_parallel.build_mesh("cpu", world_size, tensor)
     tensor_parallel.parallelize(sharded, mesh["tp"])
     seen = []
